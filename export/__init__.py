@@ -1,0 +1,1 @@
+"""ONNX export and GPU deployment (TensorRT engines, Triton model repositories)."""

@@ -1,0 +1,1 @@
+"""AFNet-M in PyTorch: the network, the scan datasets and renderer, protocols and training."""

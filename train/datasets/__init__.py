@@ -1,0 +1,1 @@
+"""Readers for BU-3DFE, Bosphorus and the synthetic ICT-FaceKit set."""
