@@ -12,8 +12,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # only for annotations: calib imports without pyrealsense2
+    import pyrealsense2 as rs
 
 
 @dataclass(frozen=True)
@@ -53,10 +57,27 @@ class CameraIntrinsics:
                                 (self.ppx + 0.5) * sx - 0.5, (self.ppy + 0.5) * sy - 0.5)
 
     @classmethod
-    def from_realsense(cls, intr) -> "CameraIntrinsics":
+    def from_realsense(cls, intr: rs.intrinsics) -> "CameraIntrinsics":
         """From a ``pyrealsense2.intrinsics`` (``video_stream_profile.get_intrinsics()``)."""
         return cls(int(intr.width), int(intr.height), float(intr.fx), float(intr.fy),
                    float(intr.ppx), float(intr.ppy))
+
+    def to_realsense(self) -> rs.intrinsics:
+        """As a ``pyrealsense2.intrinsics`` without distortion (imports pyrealsense2)."""
+        import pyrealsense2 as rs  # lazy: calib imports without pyrealsense2
+
+        intr = rs.intrinsics()
+        intr.width, intr.height = self.width, self.height
+        intr.fx, intr.fy, intr.ppx, intr.ppy = self.fx, self.fy, self.ppx, self.ppy
+        intr.model = rs.distortion.none
+        intr.coeffs = [0.0] * 5
+        return intr
+
+    def is_close(self, other: "CameraIntrinsics", tol: float = 1e-4) -> bool:
+        """Same size and focal lengths/principal point within ``tol`` pixels."""
+        return (self.width, self.height) == (other.width, other.height) and bool(np.allclose(
+            [self.fx, self.fy, self.ppx, self.ppy], [other.fx, other.fy, other.ppx, other.ppy],
+            rtol=0.0, atol=tol))
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,29 @@ class Extrinsics:
         m[:3, 3] = self.translation
         return m
 
+    def is_identity(self, tol: float = 1e-6) -> bool:
+        """Whether this is the identity transform (within ``tol``; metres for the translation)."""
+        return bool(np.allclose(self.matrix(), np.eye(4), rtol=0.0, atol=tol))
+
+    @classmethod
+    def from_realsense(cls, ext: rs.extrinsics) -> "Extrinsics":
+        """From a ``pyrealsense2.extrinsics`` (``stream_profile.get_extrinsics_to()``).
+
+        librealsense stores the rotation column-major; this class stores it row-major.
+        """
+        rotation = np.asarray(ext.rotation, dtype=np.float64).reshape(3, 3).T
+        return cls(tuple(float(r) for r in rotation.reshape(-1)),
+                   tuple(float(t) for t in ext.translation))
+
+    def to_realsense(self) -> rs.extrinsics:
+        """As a ``pyrealsense2.extrinsics`` (imports pyrealsense2)."""
+        import pyrealsense2 as rs  # lazy: calib imports without pyrealsense2
+
+        ext = rs.extrinsics()
+        ext.rotation = [float(r) for r in np.asarray(self.rotation).reshape(3, 3).T.reshape(-1)]
+        ext.translation = [float(t) for t in self.translation]
+        return ext
+
 
 @dataclass(frozen=True)
 class CameraModel:
@@ -87,7 +131,40 @@ class CameraModel:
     depth_scale: float = 0.001
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-safe dict (the inverse of :meth:`from_dict`)."""
+        return asdict(self)
+
+    def depth_is_registered(self) -> bool:
+        """Whether depth already lies in the colour image (same intrinsics, identity extrinsics)."""
+        return self.depth.is_close(self.color) and self.depth_to_color.is_identity()
+
+    @classmethod
+    def from_realsense_profile(cls, profile: rs.pipeline_profile) -> "CameraModel":
+        """Read a started ``pyrealsense2.pipeline_profile`` (live camera or recording).
+
+        Colour and depth intrinsics come from the stream profiles, the depth-to-colour
+        extrinsics from the depth profile, the depth scale from the device's depth sensor.
+
+        Raises:
+            ValueError: The profile lacks a depth or a colour stream, or a depth sensor.
+        """
+        import pyrealsense2 as rs  # lazy: calib imports without pyrealsense2
+
+        try:
+            depth = profile.get_stream(rs.stream.depth).as_video_stream_profile()
+            color = profile.get_stream(rs.stream.color).as_video_stream_profile()
+            depth_scale = float(profile.get_device().first_depth_sensor().get_depth_scale())
+        except RuntimeError as exc:  # e.g. "Profile does not contain the requested stream"
+            raise ValueError(f"pipeline profile needs depth and colour streams ({exc})") from exc
+        return cls(
+            color=CameraIntrinsics.from_realsense(color.get_intrinsics()),
+            depth=CameraIntrinsics.from_realsense(depth.get_intrinsics()),
+            depth_to_color=Extrinsics.from_realsense(depth.get_extrinsics_to(color)),
+            depth_scale=depth_scale,
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> "CameraModel":
