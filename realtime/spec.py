@@ -40,12 +40,15 @@ class CanonicalSpec:
     nose_col: float = 55.5  # the centre between the two middle columns
     nose_row: float = 54.0
     depth_scale_mm: float = 50.0  # depth channel = z_mm / depth_scale_mm (z <= 0 behind the nose tip)
+    depth_min_mm: float = -100.0  # farther behind the nose tip is not face; also the value off the face
+    depth_max_mm: float = 30.0  # nearer than this in front of the nose tip is not face
 
 
 SPEC = CanonicalSpec()
 
-TEMPLATE_ID = "pending"
-"""Short hash of ``assets/canonical_template.npz`` (checked by a test against the file)."""
+TEMPLATE_ID = "e7558e3b63"
+"""Short hash of the arrays in ``assets/canonical_template.npz`` (``realtime.canonical.template_id``;
+a test checks it against the file). Regenerate both with ``python -m train.make_template``."""
 
 PREPROCESSING_VERSION = (
     f"canon1-rigid-s{SPEC.size}-p{SPEC.mm_per_px:g}-n{SPEC.nose_col:g}x{SPEC.nose_row:g}"
