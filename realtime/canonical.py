@@ -40,15 +40,17 @@ status ``"no_face"``, ``"bad_depth"`` or ``"bad_fit"`` and a one-line reason.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from realtime.frames import FaceLandmarks, RGBDFrame
-from realtime.masks import FACE_OVAL, canonical_to_pixels, rasterize_masks
+from realtime.masks import FACE_OVAL, canonical_to_pixels, disk, rasterize_masks
 from realtime.spec import SPEC, CanonicalSpec
 
 TEMPLATE_PATH = Path(__file__).with_name("assets") / "canonical_template.npz"
@@ -58,6 +60,15 @@ CAMERA_FROM_HEAD = np.diag([1.0, -1.0, -1.0])
 
 STATUSES = ("ok", "no_face", "bad_depth", "bad_fit")
 _OVAL_INDEX = np.array(FACE_OVAL)
+_EYE3 = np.eye(3)
+_RIDGE6 = 1e-9 * np.eye(6)  # keeps the Gauss-Newton system solvable when the points are degenerate
+_LEVI_CIVITA = np.zeros((3, 3, 3))  # epsilon_ijk: (a x b)_i = sum_jk epsilon_ijk a_j b_k
+_LEVI_CIVITA[[0, 1, 2], [1, 2, 0], [2, 0, 1]] = 1.0
+_LEVI_CIVITA[[0, 1, 2], [2, 0, 1], [1, 2, 0]] = -1.0
+_SKEW = -_LEVI_CIVITA  # (3, 3, 3): _SKEW @ s is the matrix of s x (.)
+_CROSS_OF_MOMENT = _LEVI_CIVITA.reshape(3, 9)  # _CROSS_OF_MOMENT @ sum(a b^T).ravel() = sum(a x b)
+_SQUARE3 = np.ones((3, 3), np.uint8)
+_BACKGROUND_NORMAL = np.array([0.0, 0.0, 1.0], np.float32)[:, None, None]  # (3, 1, 1): +z, off the face
 
 
 def rotation_from_angles(yaw: float, pitch: float, roll: float) -> np.ndarray:
@@ -195,6 +206,10 @@ class Canonicalizer:
         if self.options.lift_window < 1 or self.options.lift_window % 2 == 0:
             raise ValueError(f"lift_window must be a positive odd number, got {self.options.lift_window}")
         self.template = CanonicalTemplate.load(self.options.template_path)
+        self._fit_basis = _fit_basis(self.template.points, self.template.normals)  # (468, 9)
+        _normal_equations_map(float(self.options.tangential_weight))  # built once here, not on the first frame
+        r = self.options.lift_window // 2
+        self._window_offsets = np.arange(-r, r + 1)  # (k,) lift window around a landmark
         s = self.options.spec
         cols, rows = np.meshgrid(np.arange(s.size, dtype=np.float32), np.arange(s.size, dtype=np.float32))
         self._grid_x = (cols - s.nose_col) * s.mm_per_px  # (S, S) canonical x of each map pixel
@@ -245,7 +260,7 @@ class Canonicalizer:
         if len(fit) < opt.min_fit_landmarks:
             raise _Reject("bad_depth", f"only {len(fit)} of {len(tmpl.fit_indices)} pose landmarks have depth "
                                        f"(need {opt.min_fit_landmarks})")
-        rotation, translation, residual, inliers = self._robust_fit(tmpl.points[fit], tmpl.normals[fit], lifted[fit])
+        rotation, translation, residual, inliers = self._robust_fit(fit, lifted[fit])
         clock("fit")
         yaw, pitch, roll = angles_from_rotation(CAMERA_FROM_HEAD @ rotation)
         self._check_pose(rotation, translation, residual, inliers, yaw, pitch, roll)
@@ -254,25 +269,25 @@ class Canonicalizer:
         region = self._face_region(canon_lm)
         depth, sampled = self._rasterize_depth(frame, rotation, translation)
         clock("raster")
-        valid = cv2.dilate(sampled.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & region
-        if valid.sum() < max(1.0, opt.min_valid_fraction * region.sum()):
-            raise _Reject("bad_depth", f"only {valid.sum()} of {region.sum()} face pixels have depth")
-        # one push-pull fills depth and colour where nothing was measured (holes, hidden behind the nose):
+        valid = cv2.dilate(sampled.view(np.uint8), _SQUARE3).view(bool) & region
+        valid_count, region_count = np.count_nonzero(valid), np.count_nonzero(region)
+        if valid_count < max(1.0, opt.min_valid_fraction * region_count):
+            raise _Reject("bad_depth", f"only {valid_count} of {region_count} face pixels have depth")
+        # one push-pull fills colour and depth where nothing was measured (holes, hidden behind the nose):
         # projecting a guessed depth there would fetch the colour of whatever is in front or behind
-        stack = np.empty((opt.spec.size, opt.spec.size, 4), np.float32)  # depth, r, g, b
-        stack[..., 0] = depth
-        stack[..., 1:] = self._sample_texture(frame, depth, rotation, translation)
+        colour = self._sample_texture(frame, depth, rotation, translation)
+        stack = cv2.cvtColor(colour, cv2.COLOR_RGB2RGBA).astype(np.float32)  # (S, S, 4) r, g, b, depth
+        stack[..., 3] = depth
         filled = fill_holes(stack, sampled)
-        depth = np.ascontiguousarray(filled[..., 0])
+        depth = np.ascontiguousarray(filled[..., 3])
         clock("fill")
-        outside = ~region
+        # outside the face: the background (normals from the filled depth first, the oval's edge needs it)
         normals = depth_normals(depth, opt.spec.mm_per_px, opt.normal_smoothing_px)
-        normals[:2, outside] = 0.0
-        normals[2, outside] = 1.0
-        filled[outside] = 0.0
-        filled[outside, 0] = opt.spec.depth_min_mm
-        depth = np.ascontiguousarray(filled[..., 0])
-        texture = cv2.convertScaleAbs(filled[..., 1:])  # rounds and saturates to uint8
+        outside = ~region
+        np.copyto(normals, _BACKGROUND_NORMAL, where=outside)
+        np.copyto(depth, np.float32(opt.spec.depth_min_mm), where=outside)
+        # rounds and saturates to uint8; a masked copy into a new image is black where the mask is 0
+        texture = cv2.copyTo(cv2.cvtColor(cv2.convertScaleAbs(filled), cv2.COLOR_RGBA2RGB), region.view(np.uint8))
         clock("normals")
         masks = rasterize_masks(canon_lm, opt.spec, opt.mask_dilate_mm)
         clock("masks")
@@ -302,34 +317,37 @@ class Canonicalizer:
     def _window_median_depth(self, frame: RGBDFrame, points: np.ndarray) -> np.ndarray:
         """Median of the non-zero depth (mm) in a window around each point (N,); NaN if too few."""
         h, w = frame.depth.shape
-        r = self.options.lift_window // 2
-        col = np.round(points[:, 0]).astype(np.int64)
-        row = np.round(points[:, 1]).astype(np.int64)
-        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-        offsets = np.arange(-r, r + 1)
-        cols = np.clip(col[:, None] + offsets, 0, w - 1)  # (N, k)
-        rows = np.clip(row[:, None] + offsets, 0, h - 1)
-        window = frame.depth[rows[:, :, None], cols[:, None, :]].reshape(len(points), -1)  # (N, k*k) raw
-        window = np.sort(window, axis=1)
-        count = (window > 0).sum(axis=1)
-        first = window.shape[1] - count  # zeros sort first
-        middle = np.minimum(first + np.maximum(count - 1, 0) // 2, window.shape[1] - 1)  # lower median
-        median = np.take_along_axis(window, middle[:, None], axis=1)[:, 0]
+        offsets = self._window_offsets  # (k,)
+        col = np.rint(points[:, 0]).astype(np.int64)
+        row = np.rint(points[:, 1]).astype(np.int64)
+        inside = (col.view(np.uint64) < w) & (row.view(np.uint64) < h)  # negatives wrap to huge
+        # window pixels clipped to the image per axis, laid out (k, k, N): numpy's inner loops run
+        # over the points, not over the few window offsets
+        rows = np.minimum(np.maximum(row + offsets[:, None], 0), h - 1) * w  # (k, N)
+        cols = np.minimum(np.maximum(col + offsets[:, None], 0), w - 1)
+        index = (rows[:, None, :] + cols[None, :, :]).reshape(len(offsets) ** 2, -1)  # (k*k, N) flat pixels
+        window = np.sort(frame.depth.ravel().take(index.T), axis=1)  # (N, k*k) raw, zeros first
+        size = window.shape[1]
+        count = np.where(window[:, -1] > 0, size - np.argmax(window > 0, axis=1), 0)  # non-zero depths
+        # the lower median of each row's non-zero tail (the last element when there is none)
+        median = window.ravel().take(np.arange(size - 1, window.size, size) - count // 2)
         z = median.astype(np.float64) * (frame.depth_scale * 1000.0)
         return np.where(inside & (count >= self.options.min_window_samples), z, np.nan)
 
-    def _robust_fit(self, model: np.ndarray, normals: np.ndarray, measured: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, float, int]:
-        """Rigid fit ``measured ~ R @ model + t``, re-fitted without the points whose residual is large."""
+    def _robust_fit(self, fit: np.ndarray, measured: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int]:
+        """Rigid fit ``measured ~ R @ model + t`` of the template landmarks ``fit``, re-fitted without
+        the points whose residual is large."""
         opt = self.options
-        inlier = np.ones(len(model), bool)
+        basis = self._fit_basis[fit]  # (K, 9) float64 (m, m x n, n)
+        model, normals = basis[:, :3], basis[:, 6:]
+        inlier = np.ones(len(fit), bool)
         rotation, translation = kabsch(model, measured)
         for round_ in range(opt.outlier_iterations + 1):
             # Gauss-Newton converges in 2-3 steps from Kabsch, fewer from the previous round's pose
-            rotation, translation = rigid_fit(model[inlier], normals[inlier], measured[inlier],
-                                              opt.tangential_weight, rotation, translation, 3 if round_ == 0 else 2)
+            rotation, translation = _gauss_newton(basis[inlier], measured[inlier], opt.tangential_weight,
+                                                  rotation, translation, 3 if round_ == 0 else 2)
             residuals = fit_residuals(model, normals, measured, rotation, translation, opt.tangential_weight)
-            threshold = max(opt.outlier_floor_mm, opt.outlier_factor * float(np.median(residuals[inlier])))
+            threshold = max(opt.outlier_floor_mm, opt.outlier_factor * _median(residuals[inlier]))
             new = residuals < threshold
             if new.sum() < 6 or (new == inlier).all():
                 break
@@ -379,8 +397,8 @@ class Canonicalizer:
         cv2.fillPoly(region, [np.round(px * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
         r = int(round(self.options.oval_margin_mm / s.mm_per_px))
         if r:
-            region = cv2.dilate(region, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-        return region.astype(bool)
+            region = cv2.dilate(region, disk(r))
+        return region.view(bool)
 
     def _rasterize_depth(self, frame: RGBDFrame, rotation: np.ndarray, translation: np.ndarray
                          ) -> tuple[np.ndarray, np.ndarray]:
@@ -394,35 +412,33 @@ class Canonicalizer:
         raw = frame.depth[r0:r1, c0:c1]  # (h, w) uint16
         # map column/row of each pixel, and its canonical z, are affine in (col, row) once scaled by
         # the depth: R^T (z * ray - t) with ray = ((col - ppx) / fx, (row - ppy) / fy, 1)
-        rt = rotation.T
-        a = (np.arange(c0, c1) - k.ppx) / k.fx  # (w,) ray x
-        b = (np.arange(r0, r1) - k.ppy) / k.fy  # (h,) ray y
-        offset = rt @ translation
+        offset = rotation.T @ translation
         to_mm = frame.depth_scale * 1000.0
-        scale = np.array([to_mm / s.mm_per_px, -to_mm / s.mm_per_px, to_mm])  # canonical axis -> col, row, z
-        z = raw.astype(np.float32)
-        coords = []
-        for axis in range(3):
-            sa, sb, sc = scale[axis] * rt[axis]
-            per_col = (sa * a + sc).astype(np.float32)
-            per_row = (sb * b).astype(np.float32)
-            coords.append(z * (per_row[:, None] + per_col[None, :]))
-        col = coords[0] + np.float32(s.nose_col - offset[0] / s.mm_per_px + 0.5)  # +0.5: floor = nearest
-        row = coords[1] + np.float32(s.nose_row + offset[1] / s.mm_per_px + 0.5)
-        qz = coords[2] - np.float32(offset[2])
-        keep = np.flatnonzero((raw > 0) & (col >= 0) & (col < s.size) & (row >= 0) & (row < s.size)
-                              & (qz >= s.depth_min_mm) & (qz <= s.depth_max_mm))  # take() beats boolean indexing
-        index = row.ravel().take(keep).astype(np.intp) * s.size + col.ravel().take(keep).astype(np.intp)
+        scaled = np.array([[to_mm / s.mm_per_px], [-to_mm / s.mm_per_px], [to_mm]]) * rotation.T  # (3, 3)
+        per_col = (scaled[:, :1] * ((np.arange(c0, c1) - k.ppx) / k.fx) + scaled[:, 2:]).astype(np.float32)  # (3, w)
+        per_row = (scaled[:, 1:2] * ((np.arange(r0, r1) - k.ppy) / k.fy)).astype(np.float32)  # (3, h)
+        coords = per_row[:, :, None] + per_col[:, None, :]  # (3, h, w): map col, row, canonical z
+        coords *= raw.astype(np.float32)
+        origin = np.array([s.nose_col - offset[0] / s.mm_per_px + 0.5,  # +0.5: floor = nearest
+                           s.nose_row + offset[1] / s.mm_per_px + 0.5, -offset[2]], np.float32)  # where z = 0 lands
+        coords += origin[:, None, None]
+        col, row, qz = coords
+        keep = (col >= 0) & (col < s.size) & (row >= 0) & (row < s.size) \
+            & (qz >= s.depth_min_mm) & (qz <= s.depth_max_mm)
+        if s.depth_min_mm <= origin[2] <= s.depth_max_mm:
+            keep &= raw > 0  # otherwise the z range test already drops the pixels without depth (z = 0)
+        keep = np.flatnonzero(keep)  # take() beats boolean indexing
+        cells = coords[:2].reshape(2, -1).take(keep, axis=1).astype(np.intp)  # (2, M) floor of col, row
+        index = cells[1] * s.size + cells[0]
         qz = qz.ravel().take(keep)
         n = s.size * s.size
         nearest = np.full(n, -np.inf, np.float32)
         np.maximum.at(nearest, index, qz)
-        near = (qz >= nearest.take(index) - opt.zbuffer_tolerance_mm).astype(np.float32)
+        near = qz >= (nearest - opt.zbuffer_tolerance_mm).take(index)
         total = np.bincount(index, qz * near, n)
         count = np.bincount(index, near, n)
         sampled = count > 0
-        depth = np.full(n, s.depth_min_mm, np.float32)
-        np.divide(total, count, out=depth, where=sampled, casting="same_kind")
+        depth = np.where(sampled, (total / np.maximum(count, 1.0)).astype(np.float32), np.float32(s.depth_min_mm))
         return depth.reshape(s.size, s.size), sampled.reshape(s.size, s.size)
 
     def _image_box(self, frame: RGBDFrame, rotation: np.ndarray, translation: np.ndarray
@@ -430,13 +446,14 @@ class Canonicalizer:
         """Image pixels (col0, row0, col1, row1) that can land in the map: its corners' projections."""
         k = frame.intrinsics
         cam = self._box_corners @ rotation.T + translation  # (8, 3)
-        if (cam[:, 2] <= 1.0).any():
+        if cam[:, 2].min() <= 1.0:
             return None
         px = cam[:, :2] / cam[:, 2:] * np.array([k.fx, k.fy]) + np.array([k.ppx, k.ppy])
+        (x0, y0), (x1, y1) = px.min(axis=0).tolist(), px.max(axis=0).tolist()
         h, w = frame.depth.shape
-        c0, r0 = np.maximum(np.floor(px.min(axis=0)).astype(int), 0)
-        c1, r1 = np.minimum(np.ceil(px.max(axis=0)).astype(int) + 1, [w, h])
-        return (int(c0), int(r0), int(c1), int(r1)) if c1 > c0 and r1 > r0 else None
+        c0, r0 = max(math.floor(x0), 0), max(math.floor(y0), 0)
+        c1, r1 = min(math.ceil(x1) + 1, w), min(math.ceil(y1) + 1, h)
+        return (c0, r0, c1, r1) if c1 > c0 and r1 > r0 else None
 
     def _sample_texture(self, frame: RGBDFrame, depth: np.ndarray, rotation: np.ndarray,
                         translation: np.ndarray) -> np.ndarray:
@@ -444,11 +461,12 @@ class Canonicalizer:
         k = frame.intrinsics
         r, t = rotation.astype(np.float32), translation.astype(np.float32)
         # camera coordinates of (x, y, depth): affine in the map's fixed x, y planes plus the depth term
-        cam = [self._grid_x * r[i, 0] + (self._grid_y * r[i, 1] + t[i]) + depth * r[i, 2] for i in range(3)]
+        cam = self._grid_x * r[:, :1, None] + (self._grid_y * r[:, 1:2, None] + t[:, None, None]) \
+            + depth * r[:, 2:, None]  # (3, S, S)
         inv_z = 1.0 / np.maximum(cam[2], 1.0)
-        map_x = cam[0] * inv_z * np.float32(k.fx) + np.float32(k.ppx)
-        map_y = cam[1] * inv_z * np.float32(k.fy) + np.float32(k.ppy)
-        return cv2.remap(frame.color, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        maps = cam[:2] * inv_z * np.array([[[k.fx]], [[k.fy]]], np.float32) \
+            + np.array([[[k.ppx]], [[k.ppy]]], np.float32)  # (2, S, S) image x, y
+        return cv2.remap(frame.color, maps[0], maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
 
 
 def kabsch(model: np.ndarray, measured: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -491,24 +509,33 @@ def rigid_fit(model: np.ndarray, normals: np.ndarray, measured: np.ndarray, tang
     Returns:
         R (3, 3), t (3,).
     """
-    rotation, translation = rotation.copy(), translation.copy()
-    w2 = tangential_weight**2
+    return _gauss_newton(_fit_basis(model, normals), measured, tangential_weight, rotation, translation, iterations)
+
+
+def _fit_basis(model: np.ndarray, normals: np.ndarray) -> np.ndarray:
+    """Rows (m, m x n, n) (N, 9) float64 of model points and normals for :func:`_gauss_newton`."""
+    model, normals = np.asarray(model, np.float64), np.asarray(normals, np.float64)
+    return np.concatenate([model, _cross(model, normals), normals], axis=1)
+
+
+def _gauss_newton(basis: np.ndarray, measured: np.ndarray, tangential_weight: float, rotation: np.ndarray,
+                  translation: np.ndarray, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rigid_fit` on rows of :func:`_fit_basis` (precomputed once for the template)."""
+    equations = _normal_equations_map(float(tangential_weight))
+    # one product with blockdiag(R^T, R^T, R^T) turns a point, its normal and their cross product
+    # (R m x R n = R (m x n)); its columns (a, u) are the first of the columns the moments come from
+    turn = np.zeros((9, 9))
+    columns = np.empty((len(basis), 14))  # a (3) | u = (a x n, n) (6) | 1 | r = a + t - p (3) | n . r
+    columns[:, 9] = 1.0
+    r = columns[:, 10:13]
     for _ in range(iterations):
-        a = model @ rotation.T  # (N, 3)
-        n = normals @ rotation.T
-        r = a + translation - measured
-        # linearised residual: r + dw x a + dt. Point-to-point part (weight w^2) in closed form ...
-        sx, sy, sz = a.sum(axis=0)
-        cross_total = np.array([[0.0, -sz, sy], [sz, 0.0, -sx], [-sy, sx, 0.0]])
-        h = np.empty((6, 6))
-        h[:3, :3] = np.sum(a * a) * np.eye(3) - a.T @ a
-        h[:3, 3:], h[3:, :3], h[3:, 3:] = cross_total, -cross_total, len(a) * np.eye(3)
-        g = np.concatenate([_cross(a, r).sum(axis=0), r.sum(axis=0)])
-        # ... plus the normal part (weight 1 - w^2): n . (r + dw x a + dt) = n . r + u . (dw, dt)
-        u = np.concatenate([_cross(a, n), n], axis=1)  # (N, 6)
-        h = w2 * h + (1.0 - w2) * (u.T @ u)
-        g = w2 * g + (1.0 - w2) * (u.T @ np.sum(n * r, axis=1))
-        step = np.linalg.solve(h + 1e-9 * np.eye(6), -g)
+        turn[:3, :3] = turn[3:6, 3:6] = turn[6:, 6:] = rotation.T
+        np.matmul(basis, turn, out=columns[:, :9])
+        np.add(columns[:, :3], translation, out=r)
+        r -= measured
+        np.einsum("ij,ij->i", columns[:, 6:9], r, out=columns[:, 13])
+        system = equations @ (columns[:, :10].T @ columns).ravel()  # (42,)
+        step = cv2.solve(system[:36].reshape(6, 6) + _RIDGE6, -system[36:], flags=cv2.DECOMP_LU)[1][:, 0]
         rotation = cv2.Rodrigues(step[:3])[0] @ rotation
         translation = translation + step[3:]
         if np.abs(step[:3]).max() < 1e-4 and np.abs(step[3:]).max() < 1e-2:  # 0.006 deg, 0.01 mm
@@ -516,14 +543,49 @@ def rigid_fit(model: np.ndarray, normals: np.ndarray, measured: np.ndarray, tang
     return rotation, translation
 
 
+def _normal_equations(moments: np.ndarray, tangential_weight: float) -> np.ndarray:
+    """Gauss-Newton system (6, 6) and gradient (6,) of :func:`rigid_fit`'s cost, flattened (42,).
+
+    ``moments`` (10, 14) = C[:, :10]^T C for the columns C of :func:`_gauss_newton`. The residual
+    linearised in the step (dw, dt) is r + dw x a + dt. Its point-to-point part (weight w^2) comes
+    in closed form from sum(a a^T), sum(a), N and sum(a x r) (the antisymmetric part of sum(a r^T));
+    the normal part (weight 1 - w^2) is n . (r + dw x a + dt) = n . r + u . (dw, dt).
+    """
+    w2 = tangential_weight**2
+    aa = moments[:3, :3]
+    h = np.empty((6, 6))
+    h[:3, :3] = np.trace(aa) * _EYE3 - aa
+    h[:3, 3:] = _SKEW @ moments[9, :3]
+    h[3:, :3] = -h[:3, 3:]
+    h[3:, 3:] = moments[9, 9] * _EYE3
+    g = np.concatenate([_CROSS_OF_MOMENT @ moments[:3, 10:13].ravel(), moments[9, 10:13]])
+    return np.concatenate([(w2 * h + (1.0 - w2) * moments[3:9, 3:9]).ravel(), w2 * g + (1.0 - w2) * moments[3:9, 13]])
+
+
+@lru_cache(maxsize=8)
+def _normal_equations_map(tangential_weight: float) -> np.ndarray:
+    """:func:`_normal_equations` is linear in the moments: its matrix (42, 140), one product per step."""
+    basis = np.eye(140).reshape(140, 10, 14)
+    matrix = np.stack([_normal_equations(m, tangential_weight) for m in basis], axis=1)
+    matrix.flags.writeable = False  # shared by every caller
+    return matrix
+
+
 def fit_residuals(model: np.ndarray, normals: np.ndarray, measured: np.ndarray, rotation: np.ndarray,
                   translation: np.ndarray, tangential_weight: float) -> np.ndarray:
     """Per-point residual of :func:`rigid_fit`'s cost, sqrt((n . r)^2 + w^2 |r_tangential|^2) (N,) mm."""
     n = normals @ rotation.T
     r = model @ rotation.T + translation - measured
-    along = np.sum(r * n, axis=1)
+    along = np.einsum("ij,ij->i", r, n)
     tangential = r - along[:, None] * n
-    return np.sqrt(along**2 + tangential_weight**2 * np.sum(tangential**2, axis=1))
+    return np.sqrt(along**2 + tangential_weight**2 * np.einsum("ij,ij->i", tangential, tangential))
+
+
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a short 1-D array (the same number, without its overhead)."""
+    ordered = np.sort(values)
+    half = len(ordered) // 2
+    return float(ordered[half] if len(ordered) % 2 else (ordered[half - 1] + ordered[half]) / 2)
 
 
 def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -540,35 +602,31 @@ def fill_holes(values: np.ndarray, known: np.ndarray) -> np.ndarray:
     with the upsampled coarser estimate by the share of known pixels under it, so holes of any
     size fill in a few small image operations.
     """
-    values = np.asarray(values, np.float32)
-    known = known.astype(np.float32)  # (H, W)
+    values, known = np.asarray(values, np.float32), np.asarray(known, bool)
     if known.all() or not known.any():
         return values.copy()
+    mask = known.view(np.uint8)
     channels = values.shape[2] if values.ndim == 3 else 1
-    levels = [(values * _per_pixel(known, channels), known)]  # premultiplied values, weights
-    while min(levels[-1][1].shape) > 8:
+    # weights repeated per channel keep every product below between same-shaped arrays (fast)
+    weight = cv2.merge([mask.astype(np.float32)] * channels) if values.ndim == 3 else mask.astype(np.float32)
+    levels = [(cv2.copyTo(values, mask), weight)]  # premultiplied values (0 where unknown), weights
+    while min(levels[-1][1].shape[:2]) > 8:
         v, k = levels[-1]
         size = ((k.shape[1] + 1) // 2, (k.shape[0] + 1) // 2)
         levels.append((cv2.resize(v, size, interpolation=cv2.INTER_AREA),
                        cv2.resize(k, size, interpolation=cv2.INTER_AREA)))
     v, k = levels[-1]
     # coarsest level (<= 8 px): unknown cells take the mean of the known ones
-    mean = v.reshape(-1, channels).sum(axis=0) / max(float(k.sum()), 1e-6)
-    estimate = np.where(_per_pixel(k > 0, channels), v * _per_pixel(1.0 / np.maximum(k, 1e-6), channels),
-                        mean if channels > 1 else mean[0])
-    for v, k in reversed(levels[:-1]):
+    mean = v.reshape(-1, channels).sum(axis=0) / max(float(k.reshape(-1, channels)[:, 0].sum()), 1e-6)
+    estimate = np.where(k > 0, v * (1.0 / np.maximum(k, 1e-6)), mean if channels > 1 else mean[0])
+    for v, k in reversed(levels[1:-1]):
         up = cv2.resize(estimate, (k.shape[1], k.shape[0]), interpolation=cv2.INTER_LINEAR)
-        # blend this level's own average with the coarser estimate by the share of known pixels
-        # under it (0 or 1 at the finest level): up + alpha * (v / k - up)
-        alpha = np.minimum(k, 1.0)
-        own = v * _per_pixel(alpha / np.maximum(k, 1e-6), channels)  # = alpha * v / k
-        estimate = own + up * _per_pixel(1.0 - alpha, channels)
-    return estimate
-
-
-def _per_pixel(weights: np.ndarray, channels: int) -> np.ndarray:
-    """(H, W) weights shaped to multiply an (H, W) or (H, W, C) image."""
-    return weights[..., None] if channels > 1 else weights
+        # blend this level's own average with the coarser estimate by the share k of known pixels
+        # under it: k * (v / k) + (1 - k) * up, v being premultiplied
+        estimate = v + up * (1.0 - k)
+    # the finest level's share is 0 or 1: known pixels keep their value, the others take the estimate
+    filled = cv2.resize(estimate, (values.shape[1], values.shape[0]), interpolation=cv2.INTER_LINEAR)
+    return cv2.copyTo(values, mask, filled)
 
 
 def depth_normals(depth_mm: np.ndarray, mm_per_px: float, smoothing_px: float = 0.0) -> np.ndarray:

@@ -13,6 +13,8 @@ open mouth gives a taller mouth mask, raised brows move the brow masks up. Media
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import cv2
 import numpy as np
 
@@ -51,14 +53,34 @@ def canonical_to_pixels(points_mm: np.ndarray, spec: CanonicalSpec = SPEC) -> np
                      spec.nose_row - points_mm[:, 1] / spec.mm_per_px], axis=1)
 
 
+@lru_cache(maxsize=None)
+def disk(radius: int) -> np.ndarray:
+    """Elliptic structuring element of this radius (2r+1, 2r+1) uint8, shared and read-only."""
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    kernel.flags.writeable = False
+    return kernel
+
+
 def fill_hull(shape: tuple[int, int], points_px: np.ndarray) -> np.ndarray:
     """Filled convex hull of (N, 2) pixel points (col, row) -> (H, W) uint8 {0, 1}; subpixel exact."""
     out = np.zeros(shape, np.uint8)
-    finite = np.isfinite(points_px).all(axis=1)
-    if finite.sum() >= 3:
-        fixed = np.round(points_px[finite] * 16).astype(np.int32)  # 4 fractional bits
-        cv2.fillConvexPoly(out, cv2.convexHull(fixed), 1, lineType=cv2.LINE_8, shift=4)
+    fixed, finite = _fixed_point(points_px)
+    _draw_hull(out, fixed[finite])
     return out
+
+
+def _fixed_point(points_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel points (N, 2) -> (N, 2) int32 with 4 fractional bits (0 for NaN rows), and which rows are finite (N,)."""
+    finite = np.isfinite(points_px).all(axis=1)
+    if not finite.all():
+        points_px = np.where(finite[:, None], points_px, 0.0)
+    return np.round(points_px * 16).astype(np.int32), finite
+
+
+def _draw_hull(out: np.ndarray, fixed: np.ndarray) -> None:
+    """Fill the convex hull of (N, 2) fixed-point pixels into ``out`` (H, W) uint8 with 1; needs 3 points."""
+    if len(fixed) >= 3:
+        cv2.fillConvexPoly(out, cv2.convexHull(fixed), 1, lineType=cv2.LINE_8, shift=4)
 
 
 def rasterize_masks(points_mm: np.ndarray, spec: CanonicalSpec = SPEC, dilate_mm: float = DILATE_MM) -> np.ndarray:
@@ -77,11 +99,12 @@ def rasterize_masks(points_mm: np.ndarray, spec: CanonicalSpec = SPEC, dilate_mm
     size, pad = spec.size, radius + 1
     # all hulls on one tall canvas, apart by more than the dilation radius: one dilate for all six
     canvas = np.zeros((len(MASK_NAMES) * (size + pad), size), np.uint8)
+    fixed, finite = _fixed_point(px)
     for c, index in enumerate(_MASK_INDEX):
         top = c * (size + pad)
-        canvas[top:top + size] = fill_hull((size, size), px[index])
+        _draw_hull(canvas[top:top + size], fixed[index if finite.all() else index[finite[index]]])
     if radius:
-        canvas = cv2.dilate(canvas, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1)))
+        canvas = cv2.dilate(canvas, disk(radius))
     tiles = canvas.reshape(len(MASK_NAMES), size + pad, size)[:, :size]
     return tiles.astype(np.float32)
 
