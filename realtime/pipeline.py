@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from realtime.canonical import CanonicalOptions, CanonicalResult, Canonicalizer
-from realtime.capture import CaptureOptions, CaptureThread, resolve_source
+from realtime.capture import STATUS_END_OF_STREAM, CaptureEvent, CaptureOptions, CaptureThread, resolve_source
 from realtime.engine import Engine, EngineOptions, open_engine, probabilities
 from realtime.frames import FaceLandmarks, RGBDFrame
 from realtime.landmarks import LandmarkDetector, LandmarkOptions
@@ -37,6 +37,7 @@ from realtime.tracking import FaceTracker, TrackerOptions
 log = logging.getLogger(__name__)
 
 STAGES = ("landmarks", "canonical", "engine", "postprocess")
+LATENCY_HISTORY = 9000  # latencies a run keeps per stage (5 min at 30 fps): a live run never ends
 
 
 @dataclass
@@ -82,7 +83,8 @@ class PipelineStats:
     statuses: Counter = field(default_factory=Counter)
     dropped: int = 0
     elapsed_s: float = 0.0
-    latency_ms: dict[str, list[float]] = field(default_factory=dict)  # per stage + capture_to_publish
+    # per stage + capture_to_publish: the last LATENCY_HISTORY values
+    latency_ms: dict[str, deque[float]] = field(default_factory=dict)
 
     @property
     def fps(self) -> float:
@@ -187,6 +189,7 @@ class Pipeline:
         self.options = options
         self._frame_callback = frame_callback
         self._closers: list = []
+        self._events: deque[CaptureEvent] = deque()  # taken from capture, not yet published
         try:
             self.engine = self._own(open_engine(options.engine))
             self.processor = self._own(FrameProcessor(options, self.engine))
@@ -223,8 +226,15 @@ class Pipeline:
             self._log_file.write(json.dumps(sent) + "\n")
         return sent
 
-    def _publish_events(self, stats: PipelineStats) -> None:
-        for event in self.capture.events():
+    def _publish_events(self, stats: PipelineStats, drained: bool = False) -> None:
+        """Publish capture events in order. ``end_of_stream`` waits until the mailbox is
+        ``drained``: capture reports the end as soon as it has handed over the last frame, and
+        the message must follow that frame's result."""
+        self._events.extend(self.capture.events())
+        while self._events:
+            if self._events[0].status == STATUS_END_OF_STREAM and not drained:
+                return
+            event = self._events.popleft()
             log.info("capture: %s %s", event.status, event.reason)
             self._publish(FrameMessage.status_only(
                 event.status, event.reason, class_names=self.processor.class_names,
@@ -238,7 +248,8 @@ class Pipeline:
         """Process frames until the stream ends, ``max_frames``/``duration_s``, ``stop`` is
         set (a ``threading.Event``), or Ctrl-C. Returns the run's totals."""
         opt = self.options
-        stats = PipelineStats(latency_ms={name: [] for name in (*STAGES, "total", "capture_to_publish")})
+        stats = PipelineStats(latency_ms={name: deque(maxlen=LATENCY_HISTORY)
+                                          for name in (*STAGES, "total", "capture_to_publish")})
         start = time.monotonic()
         next_status = start + opt.status_interval_s
         try:
@@ -249,7 +260,7 @@ class Pipeline:
                 frame = self.capture.get(timeout=0.1)
                 if frame is None:
                     if self.capture.finished.is_set():
-                        self._publish_events(stats)
+                        self._publish_events(stats, drained=True)
                         break
                     continue
                 dropped = self.capture.stats().dropped
@@ -257,7 +268,7 @@ class Pipeline:
                 sent = result.published = self._publish(result.message, stats)
                 stats.processed += 1
                 for name, value in sent["latency_ms"].items():
-                    stats.latency_ms.setdefault(name, []).append(value)
+                    stats.latency_ms.setdefault(name, deque(maxlen=LATENCY_HISTORY)).append(value)
                 if self._frame_callback is not None:
                     self._frame_callback(result)
                 if opt.max_frames is not None and stats.processed >= opt.max_frames:
@@ -275,7 +286,7 @@ class Pipeline:
 def status_line(sent: dict, stats: PipelineStats) -> str:
     """One console line: fps, latency, per-stage time, drops, and the faces of the last message sent."""
     def p50(name: str) -> float:
-        values = stats.latency_ms.get(name) or [0.0]
+        values = list(stats.latency_ms.get(name) or [0.0])
         return float(np.median(values[-300:]))
 
     stages = " ".join(f"{name} {p50(name):.1f}" for name in (*STAGES[:3], "total"))
