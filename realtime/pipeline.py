@@ -139,7 +139,8 @@ class FrameProcessor:
             weights = out["modality_weights"]  # (B, F, 2)
         t3 = time.perf_counter()
         smoothed = self.smoother.process(
-            {faces[i].track_id: probs[k] for k, i in enumerate(ok)}, frame.host_time_ns / 1e6)
+            # the source's clock, not the host's: a fast replay smooths over the recording's real time
+            {faces[i].track_id: probs[k] for k, i in enumerate(ok)}, frame.timestamp_ms)
         messages = []
         for i, (face, result) in enumerate(zip(faces, results)):
             if not result.ok:

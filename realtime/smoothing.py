@@ -27,10 +27,12 @@ class SmoothingOptions:
     """EMA, hysteresis and track-forgetting settings."""
 
     enabled: bool = True  # False: smoothed == raw, label == raw top class
-    alpha: float = 0.3  # weight of the newest frame, in (0, 1]; 1 = no averaging
+    # Defaults tuned on the demo clip's raw probabilities (expressions change about every second):
+    # labelled-frame accuracy raw 80.9 %, (0.3, 3 frames) 70.7 %, (0.5, 2 frames) 79.6 %.
+    alpha: float = 0.5  # weight of the newest frame, in (0, 1]; 1 = no averaging
     reference_dt_ms: float | None = 1000.0 / 30.0  # None: the same alpha whatever the gap
     switch_margin: float = 0.1  # a new label must lead the current one by this (smoothed prob)
-    switch_frames: int = 3  # ... for this many consecutive updates
+    switch_frames: int = 2  # ... for this many consecutive updates
     forget_after_frames: int = 30  # forget a track unseen for more than this many calls ...
     forget_after_ms: float = 1000.0  # ... or for longer than this
 
