@@ -3,6 +3,7 @@
 
 Usage:
     python -m calib.int8_calibration write SAMPLES_DIR -o calib.npz [--max-samples 512] [--seed 0]
+    python -m calib.int8_calibration write session.db3 -o calib.npz     # a recording, through the live path
     python -m calib.int8_calibration quantize model.onnx --calib calib.npz -o model.int8.onnx \
         [--method minmax|entropy|percentile]
     python export/build_engine.py model.onnx --int8 --calib-data calib.npz     # does both steps itself
@@ -14,13 +15,13 @@ tensors are INT8. ONNX Runtime's ``quantize_static`` inserts the nodes from acti
 measured on the calibration set: signed INT8, symmetric (zero point 0, as TensorRT requires),
 per-channel weights, convolutions only by default (``--op-types``).
 
-Samples (``write``): every ``*.npz`` under SAMPLES_DIR (recursively) that holds the three model
-inputs ``texture`` (3,H,W), ``geometry`` (4,H,W) and ``masks`` (6,H,W) as floating-point arrays,
-each either one sample (C,H,W) or a stack (N,C,H,W); other keys (labels, ids) are ignored, and
-a file that lacks an input or has the wrong shape is skipped with one warning line. The
-preprocessed-sample cache of the dataset tools is such a directory. Recorded ``.bag``/``.db3``
-runs are not read yet: that needs the live pipeline (capture -> landmarks -> canonical maps)
-and comes later.
+Samples (``write``): every ``*.npz`` under SAMPLES_DIR (recursively) that is either a sample of
+the preprocessing cache (``python -m train.preprocess``: canonical maps, normalised here by
+``realtime.model_inputs.arrays_to_feeds``) or holds the three model inputs ``texture`` (3,H,W),
+``geometry`` (4,H,W) and ``masks`` (6,H,W) as floating-point arrays, each either one sample
+(C,H,W) or a stack (N,C,H,W); other keys are ignored, and a file that fits neither (or was cached
+by another preprocessing version) is skipped with one warning line. A ``.bag``/``.db3``
+recording (or a demo clip) instead runs through the live path: capture, FaceMesh, canonical maps.
 
 The calibration set (``calib.npz``) holds the three inputs stacked (N,C,H,W) float32 and the
 ``preprocessing_version`` of the runtime that wrote it; a model for other preprocessing is
@@ -42,6 +43,7 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
 
 import numpy as np
 
+from realtime.model_inputs import ARRAY_KEYS, arrays_to_feeds
 from realtime.model_metadata import INPUT_NAMES, ModelMismatchError
 from realtime.spec import GEOMETRY_CHANNELS, MASK_NAMES, PREPROCESSING_VERSION, SPEC
 
@@ -72,8 +74,16 @@ def load_sample_file(path: str | Path, input_shapes: dict[str, list[int]]) -> di
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
+            if all(k in data.files for k in ARRAY_KEYS):  # a preprocessing-cache sample (train.cache)
+                version = str(data["version"]) if "version" in data.files else PREPROCESSING_VERSION
+                if version != PREPROCESSING_VERSION:
+                    raise CalibrationDataError(f"{path}: cached by preprocessing {version!r}, "
+                                               f"this runtime makes {PREPROCESSING_VERSION!r}")
+                return arrays_to_feeds([{k: data[k] for k in ARRAY_KEYS}])
             arrays = {name: data[name] for name in INPUT_NAMES if name in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, CalibrationDataError):
+            raise
         raise CalibrationDataError(f"{path}: not a readable .npz ({exc})") from None
     feeds = {}
     for name in INPUT_NAMES:
@@ -123,6 +133,40 @@ def collect_samples(
         keep = np.sort(np.random.default_rng(seed).choice(count, size=max_samples, replace=False))
         feeds = {name: array[keep] for name, array in feeds.items()}
     return feeds
+
+
+def samples_from_recording(source: str | Path, max_samples: int = 512, every: int = 3) -> dict[str, np.ndarray]:
+    """A calibration set from a ``.bag``/``.db3`` recording or a demo clip, through the live path.
+
+    Every ``every``-th frame goes through capture (as fast as possible, nothing dropped),
+    FaceMesh and the canonical stage, exactly as ``run_camera.py`` would process it; each face
+    that canonicalises becomes one sample.
+
+    Raises:
+        CalibrationDataError: The recording cannot be opened or yields no usable face.
+    """
+    from realtime.canonical import Canonicalizer
+    from realtime.capture import CaptureError, CaptureOptions, CaptureThread, resolve_source
+    from realtime.landmarks import LandmarkDetector
+    from realtime.model_inputs import face_to_arrays
+
+    options = CaptureOptions(source=str(source), realtime=False, loop=False)
+    samples = []
+    try:
+        with CaptureThread(resolve_source(options), options) as capture, LandmarkDetector() as detector, \
+                Canonicalizer() as canonicalizer:
+            while len(samples) < max_samples and (frame := capture.get(timeout=10.0)) is not None:
+                if frame.sequence % every:
+                    continue
+                for face in detector.process(frame):
+                    result = canonicalizer.process(frame, face)
+                    if result.ok:
+                        samples.append(face_to_arrays(result.face))
+    except CaptureError as exc:
+        raise CalibrationDataError(str(exc)) from None
+    if not samples:
+        raise CalibrationDataError(f"{source}: no face could be canonicalised in the recording")
+    return arrays_to_feeds(samples[:max_samples])
 
 
 def write_calibration_set(path: str | Path, feeds: dict[str, np.ndarray]) -> Path:
@@ -252,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     commands = parser.add_subparsers(dest="command", required=True)
-    write = commands.add_parser("write", help="write a calibration set from sample .npz files")
-    write.add_argument("samples", help="directory of sample .npz files")
+    write = commands.add_parser("write", help="write a calibration set from samples or a recording")
+    write.add_argument("samples", help="directory of sample .npz files (a preprocessing cache or model feeds), "
+                                       "or a .bag/.db3 recording or demo-clip .npz to run through the live path")
     write.add_argument("-o", "--output", required=True, help="calibration set .npz to write")
     write.add_argument("--max-samples", type=int, default=512)
     write.add_argument("--seed", type=int, default=0)
@@ -273,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "write":
-            feeds = collect_samples(args.samples, _model_input_shapes(args.model), args.max_samples, args.seed)
+            if Path(args.samples).is_dir():
+                feeds = collect_samples(args.samples, _model_input_shapes(args.model), args.max_samples, args.seed)
+            else:
+                feeds = samples_from_recording(args.samples, args.max_samples)
             path = write_calibration_set(args.output, feeds)
             print(f"wrote {path}: {len(feeds[INPUT_NAMES[0]])} samples")
         else:
