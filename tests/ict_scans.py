@@ -22,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from scan_fixtures import vrml_text
 from train.datasets.bu3dfe import EXPRESSION_CODES
 from train.face_model import FaceModel, expression_weights
 from train.mesh import TexturedMesh
@@ -62,36 +63,8 @@ class BU3DFEWriter:
         """Writes ``{stem}.wrl``, ``{stem}.bmp`` and ``{stem}.bnd`` into ``folder``; returns the ``.wrl``."""
         folder.mkdir(parents=True, exist_ok=True)
         vertices = mesh.vertices[self.used]  # (V, 3) mm
-        body = "\n".join([
-            "#VRML V2.0 utf8",
-            "",
-            "# ICT-FaceKit face in the BU-3DFE _F3D layout [test data, not BU-3DFE]",
-            "Transform {",
-            "  children [",
-            "    Shape {",
-            "      appearance Appearance {",
-            f'        texture ImageTexture {{ url "{stem}.bmp" }}',
-            "      }",
-            "      geometry IndexedFaceSet {",
-            "        creaseAngle 3.14",
-            "        coord Coordinate { point [",
-            _rows(vertices, "%.4f"),
-            "        ] }",
-            "        coordIndex [",
-            self.coord_index,
-            "        ]",
-            "        texCoord TextureCoordinate { point [",
-            self.tex_points,
-            "        ] }",
-            "        texCoordIndex [",
-            self.tex_index,
-            "        ]",
-            "      }",
-            "    }",
-            "  ]",
-            "}",
-            "",
-        ])
+        body = vrml_text(stem, _rows(vertices, "%.4f"), self.coord_index, self.tex_points, self.tex_index,
+                         "ICT-FaceKit face in the BU-3DFE _F3D layout [test data, not BU-3DFE]")
         wrl = folder / f"{stem}.wrl"
         wrl.write_text(body)
         texture = cv2.resize(mesh.texture, TEXTURE_PX[::-1], interpolation=cv2.INTER_AREA)

@@ -83,6 +83,42 @@ class BUScan:
         return self.triangles + 2 * self.quads
 
 
+def vrml_text(stem: str, points: str, coord_index: str, tex_points: str, tex_index: str, comment: str) -> str:
+    """A BU-3DFE ``_F3D.wrl`` (VRML 2.0, one IndexedFaceSet) around already formatted array bodies."""
+    return "\n".join([
+        "#VRML V2.0 utf8",
+        "",
+        f"# {comment}",
+        "Transform {",
+        "  children [",
+        "    Shape {",
+        "      appearance Appearance {",
+        "        material Material { diffuseColor 0.7 0.7 0.7 }",
+        f'        texture ImageTexture {{ url "{stem}.bmp" }}',
+        "      }",
+        "      geometry IndexedFaceSet {",
+        "        creaseAngle 3.14",
+        "        solid FALSE",
+        "        coord Coordinate { point [",
+        points,
+        "        ] }",
+        "        coordIndex [",
+        coord_index,
+        "        ]",
+        "        texCoord TextureCoordinate { point [",
+        tex_points,
+        "        ] }",
+        "        texCoordIndex [",
+        tex_index,
+        "        ]",
+        "      }",
+        "    }",
+        "  ]",
+        "}",
+        "",
+    ])
+
+
 def write_bu3dfe_scan(
     folder: Path,
     name: str = "F0001_AN01WH",
@@ -144,38 +180,8 @@ def write_bu3dfe_scan(
         point_lines, index_lines, tex_lines, tex_index_lines = [], [], [], []
 
     stem = f"{name}_F3D"
-    text = "\n".join([
-        "#VRML V2.0 utf8",
-        "",
-        "# synthetic test face [not BU-3DFE data] {scan_fixtures}",
-        "Transform {",
-        "  children [",
-        "    Shape {",
-        "      appearance Appearance {",
-        "        material Material { diffuseColor 0.7 0.7 0.7 }",
-        f'        texture ImageTexture {{ url "{stem}.bmp" }}',
-        "      }",
-        "      geometry IndexedFaceSet {",
-        "        creaseAngle 3.14",
-        "        solid FALSE",
-        "        coord Coordinate { point [",
-        ",\n".join(point_lines),
-        "        ] }",
-        "        coordIndex [",
-        ",\n".join(index_lines),
-        "        ]",
-        "        texCoord TextureCoordinate { point [",
-        ",\n".join(tex_lines),
-        "        ] }",
-        "        texCoordIndex [",
-        ",\n".join(tex_index_lines),
-        "        ]",
-        "      }",
-        "    }",
-        "  ]",
-        "}",
-        "",
-    ])
+    text = vrml_text(stem, ",\n".join(point_lines), ",\n".join(index_lines), ",\n".join(tex_lines),
+                     ",\n".join(tex_index_lines), "synthetic test face [not BU-3DFE data] {scan_fixtures}")
     if broken == "bad_header":
         text = text.replace("#VRML V2.0 utf8", "#VRML V1.0 ascii", 1)
     if broken == "truncated":
