@@ -214,7 +214,7 @@ def test_vendor_script_reproduces_the_vendored_arrays(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    source = Path("/work/shared/assets/ict-facekit/face_model.npz")
+    source = Path(__file__).resolve().parents[2] / "shared" / "assets" / "ict-facekit" / "face_model.npz"
     if not source.exists():
         pytest.skip(f"{source} (the shared source asset) is not on this machine")
     script = Path(__file__).parents[1] / "train" / "assets" / "ict_facekit" / "vendor.py"

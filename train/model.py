@@ -2,7 +2,7 @@
 importance-weight fusion (IWC).
 
 The paper (Sui et al., arXiv 2205.11785) states the modules but its full text is not available
-to us; the concrete design below is ours (see ``/work/shared/design/paper.md``) and every choice
+to us; the concrete design below is ours (see the design notes, ``../shared/design/paper.md``) and every choice
 is an :class:`AFNetConfig` field.
 
 Data flow for ``mode="full"`` (stages numbered from 1)::

@@ -2,7 +2,7 @@
 
 Usage:
     python train/assets/ict_facekit/vendor.py \
-        --source /work/shared/assets/ict-facekit/face_model.npz \
+        --source ../shared/assets/ict-facekit/face_model.npz \
         --out train/assets/ict_facekit/ict_face.npz
 
 Keeps the face, head/neck, mouth socket, eye sockets, the eyeball shells (sclera, which a ray
@@ -23,7 +23,8 @@ import numpy as np
 KEEP_REGIONS = ("face", "head_neck", "mouth_socket", "eye_socket_left", "eye_socket_right",
                 "sclera_left", "sclera_right")
 FRONT_TEETH_MIN_Z_CM = 9.0  # incisors and canines: what an open mouth shows
-IDENTITY_MODES = 60  # 99.2 % of the identity energy; mode 60 moves vertices < 0.5 mm
+IDENTITY_MODES = 60
+SHARED_SOURCE = Path(__file__).resolve().parents[4] / "shared" / "assets" / "ict-facekit" / "face_model.npz"  # 99.2 % of the identity energy; mode 60 moves vertices < 0.5 mm
 
 
 def vendor(source: Path, out: Path, identity_modes: int = IDENTITY_MODES) -> dict[str, int]:
@@ -67,7 +68,8 @@ def vendor(source: Path, out: Path, identity_modes: int = IDENTITY_MODES) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, default=Path("/work/shared/assets/ict-facekit/face_model.npz"))
+    parser.add_argument("--source", type=Path, default=SHARED_SOURCE,
+                        help="the full ICT-FaceKit asset (default: ../shared beside this checkout)")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("ict_face.npz"))
     parser.add_argument("--identity-modes", type=int, default=IDENTITY_MODES)
     args = parser.parse_args()
