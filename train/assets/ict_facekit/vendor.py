@@ -23,8 +23,8 @@ import numpy as np
 KEEP_REGIONS = ("face", "head_neck", "mouth_socket", "eye_socket_left", "eye_socket_right",
                 "sclera_left", "sclera_right")
 FRONT_TEETH_MIN_Z_CM = 9.0  # incisors and canines: what an open mouth shows
-IDENTITY_MODES = 60
-SHARED_SOURCE = Path(__file__).resolve().parents[4] / "shared" / "assets" / "ict-facekit" / "face_model.npz"  # 99.2 % of the identity energy; mode 60 moves vertices < 0.5 mm
+IDENTITY_MODES = 60  # 99.2 % of the identity energy; mode 60 moves vertices < 0.5 mm
+SHARED_SOURCE = Path(__file__).resolve().parents[4] / "shared" / "assets" / "ict-facekit" / "face_model.npz"
 
 
 def vendor(source: Path, out: Path, identity_modes: int = IDENTITY_MODES) -> dict[str, int]:
