@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from realtime.canonical import CanonicalOptions
-from realtime.capture import CaptureError, CaptureOptions
+from realtime.capture import REPLAY_SUFFIXES, CaptureError, CaptureOptions
 from realtime.engine import EngineError, EngineOptions, add_engine_arguments
 from realtime.landmarks import LandmarkOptions
 from realtime.model_metadata import ModelMismatchError
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_options(args: argparse.Namespace) -> PipelineOptions:
     """Pipeline options from the command line."""
-    is_recording = args.source.endswith((".bag", ".db3"))
+    is_recording = Path(args.source).suffix in REPLAY_SUFFIXES
     capture = CaptureOptions(
         source=args.source, width=args.width, height=args.height, fps=args.fps,
         post_processing=args.post_processing, realtime=not args.fast,

@@ -35,6 +35,7 @@ import logging
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,10 +82,10 @@ def load_sample_file(path: str | Path, input_shapes: dict[str, list[int]]) -> di
                                                f"this runtime makes {PREPROCESSING_VERSION!r}")
                 return arrays_to_feeds([{k: data[k] for k in ARRAY_KEYS}])
             arrays = {name: data[name] for name in INPUT_NAMES if name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        if isinstance(exc, CalibrationDataError):
-            raise
-        raise CalibrationDataError(f"{path}: not a readable .npz ({exc})") from None
+    except CalibrationDataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # damaged members too
+        raise CalibrationDataError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
     feeds = {}
     for name in INPUT_NAMES:
         if name not in arrays:

@@ -50,7 +50,7 @@ import cv2
 import numpy as np
 
 from realtime.frames import FaceLandmarks, RGBDFrame
-from realtime.masks import FACE_OVAL, canonical_to_pixels, disk, rasterize_masks
+from realtime.masks import DILATE_MM, FACE_OVAL, canonical_to_pixels, disk, rasterize_masks
 from realtime.spec import SPEC, CanonicalSpec
 
 TEMPLATE_PATH = Path(__file__).with_name("assets") / "canonical_template.npz"
@@ -58,7 +58,6 @@ TEMPLATE_PATH = Path(__file__).with_name("assets") / "canonical_template.npz"
 CAMERA_FROM_HEAD = np.diag([1.0, -1.0, -1.0])
 """Head axes (+x subject's left, +y up, +z toward the camera) -> camera axes (x right, y down, z forward)."""
 
-STATUSES = ("ok", "no_face", "bad_depth", "bad_fit")
 _OVAL_INDEX = np.array(FACE_OVAL)
 _EYE3 = np.eye(3)
 _RIDGE6 = 1e-9 * np.eye(6)  # keeps the Gauss-Newton system solvable when the points are degenerate
@@ -152,7 +151,7 @@ class CanonicalOptions:
     zbuffer_tolerance_mm: float = 4.0  # samples this close to a pixel's nearest are averaged
     landmark_depth_tolerance_mm: float = 20.0  # lifted landmarks this far from the template depth are not trusted
     normal_smoothing_px: float = 1.5  # Gaussian sigma on the depth before its slopes are taken
-    mask_dilate_mm: float = 2.5
+    mask_dilate_mm: float = DILATE_MM
     oval_margin_mm: float = 4.0  # the face region = FaceMesh's face oval grown by this
     min_valid_fraction: float = 0.2  # fewer valid map pixels inside the face oval -> bad_depth
 
@@ -305,9 +304,9 @@ class Canonicalizer:
             raise _Reject("no_face", "no landmarks")
         points = np.asarray(landmarks.points, np.float64)
         if points.shape != self.template.points[:, :2].shape:
-            raise _Reject("no_face", f"landmarks must be {self.template.points[:, :2].shape}, got {points.shape}")
+            raise _Reject("bad_fit", f"landmarks must be {self.template.points[:, :2].shape}, got {points.shape}")
         if not np.isfinite(points).all():
-            raise _Reject("no_face", "landmarks contain NaN or inf")
+            raise _Reject("bad_fit", "landmarks contain NaN or inf")
         if frame.depth.ndim != 2 or frame.depth.shape != frame.color.shape[:2]:
             raise _Reject("bad_depth", f"depth {frame.depth.shape} is not aligned to colour {frame.color.shape}")
         if not frame.depth_scale > 0:

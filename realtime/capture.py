@@ -319,12 +319,12 @@ class _PipelineSource(FrameSource):
                 raise FrameTimeoutError(f"{self.description}: no frame within {timeout_ms} ms")
             try:
                 ok, frameset = self._pipeline.try_wait_for_frames(min(remaining_ms, _POLL_MS))
-            except RuntimeError as exc:
+                frame = self._converter.convert(frameset, time.monotonic_ns()) if ok else None
+            except RuntimeError as exc:  # librealsense errors (device gone, filter/align failure)
                 raise SourceLostError(f"{self.description}: {exc}") from exc
             if not ok:
                 self._check_stream()
                 continue
-            frame = self._converter.convert(frameset, time.monotonic_ns())
             if frame is not None:  # else an unpaired frameset, as at the start of a stream
                 self._first_frame = False
                 frame.timestamp_ms = self._timestamp(frame.timestamp_ms)
@@ -529,9 +529,12 @@ class SoftwareDeviceSource(FrameSource):
         self._composer.start(self._composed)
         self._pending: list[rs.frame] = []
         self._sensors = ((depth_sensor, depth_profile), (color_sensor, color_profile))
-        for sensor, profile in self._sensors:
-            sensor.open(profile)
-            sensor.start(self._syncer)
+        try:
+            for sensor, profile in self._sensors:
+                sensor.open(profile)
+                sensor.start(self._syncer)
+        except RuntimeError as exc:
+            raise CaptureError(f"{self.description}: cannot start its sensors ({exc})") from exc
         self._device, self._recorder = device, recorder
         self._converter = _FrameConverter(camera, self._options, self.description)
         self._index = 0  # next image
@@ -559,8 +562,13 @@ class SoftwareDeviceSource(FrameSource):
                 continue
             self._pace()
             self._pushed += 1
-            frameset = self._push_and_collect(color, depth, timeout_ms)
-            frame = self._converter.convert(frameset, time.monotonic_ns())
+            try:
+                frameset = self._push_and_collect(color, depth, timeout_ms)
+                frame = self._converter.convert(frameset, time.monotonic_ns())
+            except CaptureError:
+                raise
+            except RuntimeError as exc:  # librealsense errors
+                raise SourceLostError(f"{self.description}: {exc}") from exc
             frame.ground_truth = self._labels[i] if self._labels is not None else None
             return frame
 

@@ -60,8 +60,8 @@ def draw(result: FrameResult) -> np.ndarray:
         if face_msg.status != "ok":
             _text(img, f"#{face_msg.track_id} {face_msg.status}", (x0, max(12, y0 - 6)), color=(0, 0, 255))
             continue
-        top = int(np.argmax(face_msg.probs))
-        _text(img, f"#{face_msg.track_id} {face_msg.label} {face_msg.probs[top]:.2f}", (x0, max(12, y0 - 6)))
+        label_prob = face_msg.probs[msg.class_names.index(face_msg.label)]  # hysteresis may hold a non-top label
+        _text(img, f"#{face_msg.track_id} {face_msg.label} {label_prob:.2f}", (x0, max(12, y0 - 6)))
         _draw_bars(img, msg.class_names, face_msg.probs, (x1 + 8, y0))
         w2d, w3d = np.asarray(face_msg.modality_weights)[-1]
         _draw_weights(img, w2d, w3d, (x1 + 8, y0 + 14 * len(msg.class_names) + 6))

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from realtime.frames import FaceLandmarks, RGBDFrame
 from realtime.landmarks import LandmarkDetector, LandmarkOptions
 from realtime.model_inputs import make_feeds
 from realtime.publisher import Publisher, PublisherOptions
-from realtime.schema import FaceMessage, FrameMessage, HeadPose, ModelInfo, frame_status
+from realtime.schema import FaceMessage, FrameMessage, HeadPose, ModelInfo, SchemaError, frame_status
 from realtime.smoothing import SmoothingOptions, TemporalSmoother
 from realtime.tracking import FaceTracker, TrackerOptions
 
@@ -91,21 +92,6 @@ class PipelineStats:
         return self.processed / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-class FpsMeter:
-    """Frames per second over a sliding time window."""
-
-    def __init__(self, window_s: float = 2.0) -> None:
-        self.window_ns = int(window_s * 1e9)
-        self._times: deque[int] = deque()
-
-    def tick(self, now_ns: int) -> float:
-        self._times.append(now_ns)
-        while self._times[0] < now_ns - self.window_ns:
-            self._times.popleft()
-        span = (self._times[-1] - self._times[0]) / 1e9
-        return (len(self._times) - 1) / span if span > 0 else 0.0
-
-
 class FrameProcessor:
     """Landmarks -> tracking -> canonical maps -> engine -> smoothing for one frame.
 
@@ -117,10 +103,18 @@ class FrameProcessor:
         self.engine = engine
         self.class_names = list(engine.class_names)
         self.model_info = ModelInfo(engine.metadata.model_version, engine.metadata.preprocessing_version)
-        self.detector = LandmarkDetector(options.landmarks)
-        self.canonicalizer = Canonicalizer(options.canonical)
-        self.tracker = FaceTracker(options.tracker)
-        self.smoother = TemporalSmoother(options.smoothing)
+        with ExitStack() as stack:
+            self.detector = stack.enter_context(LandmarkDetector(options.landmarks))
+            self.canonicalizer = stack.enter_context(Canonicalizer(options.canonical))
+            self.tracker = stack.enter_context(FaceTracker(options.tracker))
+            self.smoother = stack.enter_context(TemporalSmoother(options.smoothing))
+            self._stages = stack.pop_all()
+
+    def __enter__(self) -> "FrameProcessor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def process(self, frame: RGBDFrame, frames_dropped: int = 0, frames_processed: int = 0) -> FrameResult:
         """Run every stage on ``frame``; bad faces become face statuses, never exceptions."""
@@ -137,6 +131,10 @@ class FrameProcessor:
             out = self.engine.infer(make_feeds([results[i].face for i in ok]))
             probs = probabilities(out["logits"])  # (B, C)
             weights = out["modality_weights"]  # (B, F, 2)
+            finite = np.isfinite(probs).all(axis=1) & np.isfinite(weights).all(axis=(1, 2))
+            for k in np.flatnonzero(~finite):  # e.g. an fp16 overflow in a GPU engine
+                results[ok[k]] = CanonicalResult("bad_fit", f"frame {frame.sequence}: the model's output is not finite")
+            probs, weights, ok = probs[finite], weights[finite], [i for i, f in zip(ok, finite) if f]
         t3 = time.perf_counter()
         smoothed = self.smoother.process(
             # the source's clock, not the host's: a fast replay smooths over the recording's real time
@@ -171,10 +169,7 @@ class FrameProcessor:
         return FrameResult(message, frame, faces, results)
 
     def close(self) -> None:
-        self.detector.close()
-        self.canonicalizer.close()
-        self.tracker.close()
-        self.smoother.close()
+        self._stages.close()
 
 
 class Pipeline:
@@ -189,23 +184,18 @@ class Pipeline:
         """
         self.options = options
         self._frame_callback = frame_callback
-        self._closers: list = []
         self._events: deque[CaptureEvent] = deque()  # taken from capture, not yet published
-        try:
-            self.engine = self._own(open_engine(options.engine))
-            self.processor = self._own(FrameProcessor(options, self.engine))
-            self.publisher = self._own(Publisher(options.publisher))
-            self._log_file = self._own(open(options.log_path, "w")) if options.log_path else None
-            self.capture = self._own(CaptureThread(resolve_source(options.capture), options.capture))
-        except BaseException:
-            self.close()
-            raise
+        self._last_frame: RGBDFrame | None = None  # status messages carry its seq and timestamp
+        self.unpublished = 0  # messages the schema refused (logged, skipped)
+        with ExitStack() as stack:  # closed in reverse: capture first, then socket, stages, engine
+            self.engine = stack.enter_context(open_engine(options.engine))
+            self.processor = stack.enter_context(FrameProcessor(options, self.engine))
+            self.publisher = stack.enter_context(Publisher(options.publisher))
+            self._log_file = stack.enter_context(open(options.log_path, "w")) if options.log_path else None
+            self.capture = stack.enter_context(CaptureThread(resolve_source(options.capture), options.capture))
+            self._resources = stack.pop_all()
         log.info("publishing on %s (%s), model %s via %s", self.publisher.endpoint,
                  options.publisher.format, options.engine.model_path, self.engine.backend)
-
-    def _own(self, resource):
-        self._closers.append(resource)
-        return resource
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -214,13 +204,18 @@ class Pipeline:
         self.close()
 
     def close(self) -> None:
-        """Stop capture first (no new frames), then release the stages, socket and log."""
-        while self._closers:
-            self._closers.pop().close()
+        """Stop capture first (no new frames), then release the log, socket, stages and engine."""
+        self._resources.close()
 
-    def _publish(self, message: FrameMessage, stats: PipelineStats) -> dict:
-        """Publish; returns the message as sent (the publisher fills in fps and latencies)."""
-        sent = self.publisher.publish(message).message
+    def _publish(self, message: FrameMessage, stats: PipelineStats) -> dict | None:
+        """Publish; returns the message as sent (the publisher fills in fps and latencies), or
+        None when the schema refused it (one log line; the stream goes on)."""
+        try:
+            sent = self.publisher.publish(message).message
+        except SchemaError as exc:
+            self.unpublished += 1
+            log.error("frame %s not published: %s", message.seq, exc)
+            return None
         stats.published += 1
         stats.statuses[message.status] += 1
         if self._log_file is not None:
@@ -237,9 +232,11 @@ class Pipeline:
                 return
             event = self._events.popleft()
             log.info("capture: %s %s", event.status, event.reason)
+            last = self._last_frame
             self._publish(FrameMessage.status_only(
                 event.status, event.reason, class_names=self.processor.class_names,
                 model=self.processor.model_info, host_time_ns=event.host_time_ns,
+                seq=-1 if last is None else last.sequence, capture_ts_ms=None if last is None else last.timestamp_ms,
                 frames_dropped=self.capture.stats().dropped, frames_processed=stats.processed), stats)
             if event.status == "reconnected":
                 self.processor.smoother.reset()
@@ -264,10 +261,13 @@ class Pipeline:
                         self._publish_events(stats, drained=True)
                         break
                     continue
+                self._last_frame = frame
                 dropped = self.capture.stats().dropped
                 result = self.processor.process(frame, dropped, stats.processed)
                 sent = result.published = self._publish(result.message, stats)
                 stats.processed += 1
+                if sent is None:
+                    continue
                 for name, value in sent["latency_ms"].items():
                     stats.latency_ms.setdefault(name, deque(maxlen=LATENCY_HISTORY)).append(value)
                 if self._frame_callback is not None:
@@ -291,7 +291,8 @@ def status_line(sent: dict, stats: PipelineStats) -> str:
         return float(np.median(values[-300:]))
 
     stages = " ".join(f"{name} {p50(name):.1f}" for name in (*STAGES[:3], "total"))
-    faces = ", ".join(f"#{f['track_id']} {f['label']} {max(f['probs']):.2f}" if f["label"]
+    names = sent["class_names"]
+    faces = ", ".join(f"#{f['track_id']} {f['label']} {f['probs'][names.index(f['label'])]:.2f}" if f["label"]
                       else f"#{f['track_id']} {f['status']}" for f in sent["faces"]) or sent["status"]
     return (f"fps {sent['fps']:.1f} | capture->publish p50 {p50('capture_to_publish'):.1f} ms | "
             f"stages ms: {stages} | dropped {sent['frames_dropped']} | {faces}")

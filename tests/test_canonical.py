@@ -145,10 +145,11 @@ def test_status_for_bad_inputs(scene, canon):
     out = canon.process(no_depth, landmarks)
     assert out.status == "bad_depth" and out.face is None and "\n" not in out.reason and "depth" in out.reason
     assert canon.process(frame, None).status == "no_face"
+    # a detected face with malformed landmarks is a failed fit ("no_face" is for frames without faces)
     bad_shape = FaceLandmarks(points=landmarks.points[:100], bbox=landmarks.bbox)
-    assert canon.process(frame, bad_shape).status == "no_face"
+    assert canon.process(frame, bad_shape).status == "bad_fit"
     nan = FaceLandmarks(points=np.full_like(landmarks.points, np.nan), bbox=landmarks.bbox)
-    assert canon.process(frame, nan).status == "no_face"
+    assert canon.process(frame, nan).status == "bad_fit"
     # a photo of a face: real landmarks, but the depth is a flat sheet
     flat = replace(frame, depth=np.full_like(frame.depth, 650))
     out = canon.process(flat, landmarks)
