@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from realtime.spec import SPEC
+
 from realtime.spec import EXPRESSIONS, GEOMETRY_CHANNELS, MASK_NAMES, PREPROCESSING_VERSION
 from train.augment import AugmentOptions, Augmenter, mirror_permutation
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -112,6 +114,7 @@ def test_augmentation_is_deterministic_per_generator_and_keeps_ranges():
 
 def test_depth_noise_only_where_there_is_data():
     geometry = torch.zeros(1, 4, 16, 16)
+    geometry[0, 0], geometry[0, 3] = SPEC.depth_min_mm / SPEC.depth_scale_mm, 1.0  # off the face, as canonical writes it
     geometry[0, :, 4:12, 4:12] = torch.tensor([-0.2, 0.0, 0.0, 1.0]).view(4, 1, 1)
     batch = {"texture": torch.zeros(1, 3, 16, 16), "geometry": geometry, "masks": torch.zeros(1, 6, 16, 16)}
     out = Augmenter(AugmentOptions(**{**NO_AUG, "depth_noise_mm": 1.0}))(batch, torch.Generator().manual_seed(0))
@@ -257,3 +260,13 @@ def test_toy_cli_runs_and_writes_checkpoints(tmp_path):
     assert "final:" in proc.stdout
     model, info = load_checkpoint(tmp_path / "last.pt")
     assert info.epoch == 1 and model.config.input_size == 32
+
+
+def test_rotation_brings_in_the_off_face_background_not_zeros():
+    floor = SPEC.depth_min_mm / SPEC.depth_scale_mm
+    geometry = torch.zeros(1, 4, 32, 32)
+    geometry[0, 0], geometry[0, 3] = floor, 1.0
+    batch = {"texture": torch.zeros(1, 3, 32, 32), "geometry": geometry, "masks": torch.zeros(1, 6, 32, 32)}
+    out = Augmenter(AugmentOptions(**{**NO_AUG, "max_rotation_deg": 30.0}))(batch, torch.Generator().manual_seed(1))
+    corners = out["geometry"][0, :, [0, 0, -1, -1], [0, -1, 0, -1]]  # (4 channels, 4 corners)
+    assert torch.allclose(corners, torch.tensor([floor, 0.0, 0.0, 1.0]).view(4, 1).expand(4, 4), atol=1e-5)

@@ -86,6 +86,10 @@ class Augmenter:
         self.channels = {name: i for i, name in enumerate(geometry_channels)}
         self.mask_perm = mirror_permutation(mask_names)
         self.depth_scale_mm = depth_scale_mm
+        # What the canonical maps hold off the face: depth at SPEC.depth_min_mm, normal +z.
+        self.depth_floor = SPEC.depth_min_mm / depth_scale_mm
+        background = {"depth": self.depth_floor, "normal_z": 1.0}
+        self.geometry_background = torch.tensor([background.get(name, 0.0) for name in geometry_channels])
 
     def _channel(self, name: str, geometry: torch.Tensor) -> int | None:
         """Index of a named geometry channel if this batch carries it."""
@@ -147,11 +151,14 @@ class Augmenter:
         theta[:, 1, 0], theta[:, 1, 1] = sin, cos
         theta[:, 0, 2] = -shift_px[:, 0] * 2 / w
         theta[:, 1, 2] = -shift_px[:, 1] * 2 / h
-        stacked = torch.cat([texture, geometry, masks], dim=1)  # (B, 3+G+K, H, W)
+        # Warp the geometry's offset from the off-face background, so what enters at the edges is
+        # background (depth floor, normal +z) as the canonical stage writes it; texture and masks are 0 there.
+        background = self.geometry_background[:geometry.shape[1]].to(geometry).view(1, -1, 1, 1)
+        stacked = torch.cat([texture, geometry - background, masks], dim=1)  # (B, 3+G+K, H, W)
         grid = F.affine_grid(theta, list(stacked.shape), align_corners=False)
-        # Zeros outside the map: the canonical maps' own "no data" value.
         warped = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         texture, geometry, masks = warped.split([texture.shape[1], geometry.shape[1], masks.shape[1]], dim=1)
+        geometry = geometry + background
         ix, iy = self._channel("normal_x", geometry), self._channel("normal_y", geometry)
         if ix is not None and iy is not None:
             nx, ny = geometry[:, ix], geometry[:, iy]
@@ -162,9 +169,9 @@ class Augmenter:
         return texture, geometry, masks
 
     def depth_noise(self, geometry: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Gaussian noise on the depth channel where the pixel holds data."""
+        """Gaussian noise on the depth channel on the face (not on the off-face background)."""
         d = self._channel("depth", geometry)
-        valid = geometry.abs().sum(dim=1) > 0  # (B, H, W)
+        valid = geometry[:, d] > self.depth_floor + 1e-6  # (B, H, W)
         noise = torch.randn(geometry[:, d].shape, generator=generator).to(geometry.device)
         geometry = geometry.clone()
         geometry[:, d] = geometry[:, d] + noise * (self.options.depth_noise_mm / self.depth_scale_mm) * valid
