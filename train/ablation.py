@@ -6,8 +6,8 @@ Usage:
 
 Prints, per mode in :data:`train.model.MODES` order, the held-out test accuracy as mean ± std over
 seeds (population std, as ``train.report.summarize``), the number of seeds and the model's
-parameter count. A run folder without results.json (a crashed or unfinished run) is listed as
-missing, never silently dropped.
+parameter count. A run folder without a readable results.json holding a test accuracy (a crashed
+or unfinished run, or a final run without test subjects) is listed as missing, never silently dropped.
 """
 
 from __future__ import annotations
@@ -34,13 +34,15 @@ def collect(root: Path) -> tuple[dict[str, list[float]], dict[str, dict], list[s
     configs: dict[str, dict] = {}
     missing = []
     for run in sorted(p for p in root.iterdir() if p.is_dir()):
-        results = run / "results.json"
-        if not results.is_file():
+        try:
+            data = json.loads((run / "results.json").read_text())
+            mode, accuracy = data["model_config"]["mode"], data["accuracy"]["pooled"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            accuracy = None
+        if accuracy is None:  # crashed, unfinished, or a final run without a test set
             missing.append(run.name)
             continue
-        data = json.loads(results.read_text())
-        mode = data["model_config"]["mode"]
-        accuracies[mode].append(float(data["accuracy"]["pooled"]))
+        accuracies[mode].append(float(accuracy))
         configs[mode] = data["model_config"]
     return accuracies, configs, missing
 

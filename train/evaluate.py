@@ -21,30 +21,41 @@ import numpy as np
 from realtime.engine import EngineError, EngineOptions, open_engine
 from realtime.model_inputs import arrays_to_feeds
 from realtime.model_metadata import ModelMismatchError
+from realtime.spec import PREPROCESSING_VERSION
 from train.cache import CacheEntry, load_arrays, scan_cache
+from train.checkpoint import CheckpointError
 from train.report import per_class_accuracy, write_confusion_png, write_json
 
 
-def _predict_onnx(path: Path, entries: list[CacheEntry], batch: int) -> tuple[list[str], np.ndarray]:
+def _onnx_confusion(path: Path, entries: list[CacheEntry], batch: int) -> tuple[list[str], np.ndarray]:
+    """Class names and confusion (rows = true class) of an ONNX model run by the runtime's engine."""
     with open_engine(EngineOptions(path, backend="onnxruntime-cpu")) as engine:
-        preds = [engine.infer(arrays_to_feeds([load_arrays(e.path) for e in entries[i:i + batch]]))["logits"]
-                 .argmax(axis=1) for i in range(0, len(entries), batch)]
-        return list(engine.class_names), np.concatenate(preds)
+        names = list(engine.class_names)
+        truth = _labels(entries, names, path)
+        pred = np.concatenate([engine.infer(arrays_to_feeds([load_arrays(e.path) for e in entries[i:i + batch]]))
+                               ["logits"].argmax(axis=1) for i in range(0, len(entries), batch)])
+    confusion = np.zeros((len(names), len(names)), np.int64)
+    np.add.at(confusion, (truth, pred), 1)
+    return names, confusion
 
 
-def _predict_checkpoint(path: Path, entries: list[CacheEntry], batch: int) -> tuple[list[str], np.ndarray]:
-    import torch
-
+def _checkpoint_confusion(path: Path, entries: list[CacheEntry], batch: int) -> tuple[list[str], np.ndarray]:
+    """The same for a PyTorch checkpoint, through ``train.train.evaluate``."""
+    from train.cache import CachedDataset
     from train.checkpoint import load_checkpoint
+    from train.train import evaluate
 
-    model, info = load_checkpoint(path)
-    preds = []
-    with torch.no_grad():
-        for i in range(0, len(entries), batch):
-            feeds = arrays_to_feeds([load_arrays(e.path) for e in entries[i:i + batch]])
-            logits, _ = model(*(torch.from_numpy(feeds[k]) for k in ("texture", "geometry", "masks")))
-            preds.append(logits.argmax(dim=1).numpy())
-    return list(info.class_names), np.concatenate(preds)
+    model, info = load_checkpoint(path, preprocessing_version=PREPROCESSING_VERSION)
+    names = list(info.class_names)
+    _labels(entries, names, path)
+    return names, evaluate(model, CachedDataset(entries, class_names=names), batch_size=batch).confusion
+
+
+def _labels(entries: list[CacheEntry], names: list[str], model: Path) -> np.ndarray:
+    unknown = sorted({e.expression for e in entries} - set(names))
+    if unknown:
+        raise ValueError(f"{model}: has no class for {', '.join(unknown)}")
+    return np.array([names.index(e.expression) for e in entries])
 
 
 def evaluate_file(model: Path, cache: Path, splits: tuple[str, ...] | None, batch: int = 32) -> dict:
@@ -52,16 +63,10 @@ def evaluate_file(model: Path, cache: Path, splits: tuple[str, ...] | None, batc
     entries = [e for e in scan_cache(cache).entries if splits is None or e.split in splits]
     if not entries:
         raise ValueError(f"{cache}: no cached samples{' of split ' + ','.join(splits) if splits else ''}")
-    predict = _predict_onnx if model.suffix == ".onnx" else _predict_checkpoint
-    names, pred = predict(model, entries, batch)
-    unknown = sorted({e.expression for e in entries} - set(names))
-    if unknown:
-        raise ValueError(f"{model}: has no class for {', '.join(unknown)}")
-    truth = np.array([names.index(e.expression) for e in entries])
-    confusion = np.zeros((len(names), len(names)), np.int64)
-    np.add.at(confusion, (truth, pred), 1)
+    confusion_of = _onnx_confusion if model.suffix == ".onnx" else _checkpoint_confusion
+    names, confusion = confusion_of(model, entries, batch)
     return {"model": str(model), "cache": str(cache), "splits": list(splits or ["all"]), "samples": len(entries),
-            "accuracy": float((truth == pred).mean()), "class_names": names,
+            "accuracy": float(np.trace(confusion) / confusion.sum()), "class_names": names,
             "per_class_accuracy": dict(zip(names, per_class_accuracy(confusion))), "confusion": confusion.tolist()}
 
 
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = None if args.split == "all" else tuple(args.split.split(","))
     try:
         result = evaluate_file(args.model, args.cache, splits, args.batch)
-    except (OSError, ValueError, EngineError, ModelMismatchError) as exc:
+    except (OSError, ValueError, EngineError, ModelMismatchError, CheckpointError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
     per_class = " ".join(f"{k}={v:.3f}" for k, v in result["per_class_accuracy"].items())

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import cv2
@@ -121,17 +123,20 @@ def unpack(pack_file: str | Path, out_dir: str | Path) -> int:
     Raises:
         ValueError: not a pack, or packed by another preprocessing version (one line).
     """
-    with np.load(pack_file, allow_pickle=False) as z:
-        if "format" not in z.files or str(z["format"]) != PACK_FORMAT:
-            raise ValueError(f"{pack_file}: not a cache pack")
-        if str(z["version"]) != PREPROCESSING_VERSION:
-            raise ValueError(f"{pack_file}: packed by preprocessing {str(z['version'])!r}, "
-                             f"this code is {PREPROCESSING_VERSION!r}")
-        metas, data, offsets = json.loads(str(z["meta"])), z["data"].tobytes(), z["offsets"]
-    for i, meta in enumerate(metas):
-        streams = [data[offsets[4 * i + k]:offsets[4 * i + k + 1]] for k in range(4)]
-        meta = {**meta, "version": PREPROCESSING_VERSION, "pose": np.asarray(meta["pose"], np.float64)}
-        save_sample(entry_path(out_dir, meta["key"]), unpack_sample(streams), meta)
+    try:
+        with np.load(pack_file, allow_pickle=False) as z:
+            if "format" not in z.files or str(z["format"]) != PACK_FORMAT:
+                raise ValueError(f"{pack_file}: not a cache pack")
+            if str(z["version"]) != PREPROCESSING_VERSION:
+                raise ValueError(f"{pack_file}: packed by preprocessing {str(z['version'])!r}, "
+                                 f"this code is {PREPROCESSING_VERSION!r}")
+            metas, data, offsets = json.loads(str(z["meta"])), z["data"].tobytes(), z["offsets"]
+        for i, meta in enumerate(metas):
+            streams = [data[offsets[4 * i + k]:offsets[4 * i + k + 1]] for k in range(4)]
+            meta = {**meta, "version": PREPROCESSING_VERSION, "pose": np.asarray(meta["pose"], np.float64)}
+            save_sample(entry_path(out_dir, meta["key"]), unpack_sample(streams), meta)
+    except (KeyError, IndexError, EOFError, zipfile.BadZipFile, zlib.error, cv2.error, json.JSONDecodeError) as exc:
+        raise ValueError(f"{pack_file}: damaged pack ({type(exc).__name__}: {exc})") from None
     return len(metas)
 
 

@@ -102,6 +102,7 @@ class TrainConfig:
                              " must be positive")
         if isinstance(self.augment_options, dict):
             self.augment_options = AugmentOptions(**self.augment_options)
+        _resolve_device(self.device)  # a missing GPU is a one-line error before any work
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,9 +166,12 @@ class _DistContext:
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available")
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
     return device
 
 

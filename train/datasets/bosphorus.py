@@ -217,12 +217,14 @@ def grid_triangles(grid: BntGrid, max_depth_jump_mm: float = MAX_DEPTH_JUMP_MM) 
     return triangles[depth.max(axis=1) - depth.min(axis=1) <= max_depth_jump_mm]
 
 
-def load_bosphorus(record: ScanRecord, max_depth_jump_mm: float = MAX_DEPTH_JUMP_MM) -> TexturedMesh:
+def load_bosphorus(record: ScanRecord, max_depth_jump_mm: float = MAX_DEPTH_JUMP_MM,
+                   landmarks: bool = True) -> TexturedMesh:
     """The record's ``.bnt`` grid as a TexturedMesh (mm, +x subject's left, +y up, facing +z).
 
     Vertices are the valid grid points; UVs come from the u, v planes; the texture is the
-    ``.png`` of the same stem. ``.lm3`` landmarks (if ``record.landmarks``) go into
-    ``mesh.landmarks`` under snake_case names (``"nose_tip"``), in the mesh's axes.
+    ``.png`` of the same stem. ``.lm3`` landmarks (if ``landmarks`` and ``record.landmarks``)
+    go into ``mesh.landmarks`` under snake_case names (``"nose_tip"``), in the mesh's axes;
+    rendering does not need them, so preprocessing skips them.
 
     Raises:
         ScanError: Missing file or texture, bad header, truncated, NaN/inf, empty mesh,
@@ -235,10 +237,10 @@ def load_bosphorus(record: ScanRecord, max_depth_jump_mm: float = MAX_DEPTH_JUMP
     vertices = grid.xyz[grid.valid] * signs  # (V, 3)
     uv = grid.uv[grid.valid].astype(np.float32)[triangles]  # (T, 3, 2)
     texture = read_texture(record.texture, record.path)
-    landmarks = None
-    if record.landmarks is not None:
-        landmarks = {name: (p * signs).astype(np.float32) for name, p in read_lm3(record.landmarks).items()}
-    return finish_mesh(vertices, triangles, uv, texture, landmarks, record.path)
+    named = None
+    if landmarks and record.landmarks is not None:
+        named = {name: (p * signs).astype(np.float32) for name, p in read_lm3(record.landmarks).items()}
+    return finish_mesh(vertices, triangles, uv, texture, named, record.path)
 
 
 def landmark_key(label: str) -> str:

@@ -135,13 +135,14 @@ def index_bu3dfe(root: str | os.PathLike) -> IndexResult:
     return IndexResult(root, sort_records(list(records.values())), skipped, ignored)
 
 
-def load_bu3dfe(record: ScanRecord) -> TexturedMesh:
+def load_bu3dfe(record: ScanRecord, landmarks: bool = True) -> TexturedMesh:
     """The record's ``_F3D.wrl`` as a TexturedMesh (mm, facing +z, v from the top).
 
     The texture is the file the ImageTexture url names, looked up beside the mesh (the
     url's folder part is ignored: it may be a path on the machine that made the file);
-    without an ImageTexture node, ``record.texture``. Landmarks (if ``record.landmarks``)
-    go into ``mesh.landmarks`` as the :data:`LANDMARK_GROUPS` arrays.
+    without an ImageTexture node, ``record.texture``. Landmarks (if ``landmarks`` and
+    ``record.landmarks``) go into ``mesh.landmarks`` as the :data:`LANDMARK_GROUPS` arrays;
+    rendering does not need them, so preprocessing skips them (a bad ``.bnd`` then costs nothing).
 
     Raises:
         ScanError: Missing file or texture, not VRML 2.0, truncated, index out of range,
@@ -181,11 +182,11 @@ def load_bu3dfe(record: ScanRecord) -> TexturedMesh:
     url = _TEXTURE_URL.search(body)
     texture_path = path.with_name(re.split(r"[\\/]", url.group(1))[-1]) if url else record.texture
     texture = read_texture(texture_path, path)
-    landmarks = None
-    if record.landmarks is not None:
+    named = None
+    if landmarks and record.landmarks is not None:
         points83 = read_bnd(record.landmarks)
-        landmarks = {name: points83[a:b] for name, (a, b) in LANDMARK_GROUPS.items()}
-    return finish_mesh(vertices, triangles, uv, texture, landmarks, path)
+        named = {name: points83[a:b] for name, (a, b) in LANDMARK_GROUPS.items()}
+    return finish_mesh(vertices, triangles, uv, texture, named, path)
 
 
 def read_bnd(path: Path) -> np.ndarray:

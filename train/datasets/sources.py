@@ -126,8 +126,9 @@ class ScanSource:
         return views
 
     def load(self, record: ScanRecord) -> TexturedMesh:
-        """The scan's mesh; raises :class:`~train.datasets.scan.ScanError` for a bad file."""
-        return _SCAN_READERS[self.dataset][1](record)
+        """The scan's mesh (without its landmark files: rendering does not use them); raises
+        :class:`~train.datasets.scan.ScanError` for a bad file."""
+        return _SCAN_READERS[self.dataset][1](record, landmarks=False)
 
 
 @dataclass
