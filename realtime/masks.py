@@ -39,8 +39,25 @@ FACE_OVAL: tuple[int, ...] = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 3
 
 _MASK_INDEX = [np.array(MASK_LANDMARKS[name]) for name in MASK_NAMES]
 
-FLIP_PERMUTATION: tuple[int, ...] = tuple(
-    MASK_NAMES.index(n.replace("left", "@").replace("right", "left").replace("@", "right")) for n in MASK_NAMES)
+
+
+def flip_permutation(mask_names: tuple[str, ...] = MASK_NAMES) -> tuple[int, ...]:
+    """Mask channel order after a horizontal flip: ``left_*`` and ``right_*`` trade places."""
+    def mirrored(name: str) -> str:
+        if name.startswith("left_"):
+            return "right_" + name[5:]
+        if name.startswith("right_"):
+            return "left_" + name[6:]
+        return name
+
+    index = {name: i for i, name in enumerate(mask_names)}
+    try:
+        return tuple(index[mirrored(name)] for name in mask_names)
+    except KeyError as exc:
+        raise ValueError(f"mask {exc.args[0]!r} has no mirrored partner in {list(mask_names)}") from None
+
+
+FLIP_PERMUTATION: tuple[int, ...] = flip_permutation()
 """Channel order of the masks after a horizontal flip (left and right swap)."""
 
 DILATE_MM = 2.5

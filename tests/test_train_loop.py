@@ -12,7 +12,8 @@ import torch
 from realtime.spec import SPEC
 
 from realtime.spec import EXPRESSIONS, GEOMETRY_CHANNELS, MASK_NAMES, PREPROCESSING_VERSION
-from train.augment import AugmentOptions, Augmenter, mirror_permutation
+from realtime.masks import flip_permutation
+from train.augment import AugmentOptions, Augmenter
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from train.model import build_model
 from train.train import ToyExpressionDataset, TrainConfig, evaluate, fit, lr_factor
@@ -64,7 +65,7 @@ def test_flip_twice_is_the_identity_and_bad_mask_names_are_refused():
     for key in ("texture", "geometry", "masks"):
         assert torch.equal(twice[key], batch[key])
     with pytest.raises(ValueError, match="left_ear"):
-        mirror_permutation(("left_ear", "nose"))
+        flip_permutation(("left_ear", "nose"))
 
 
 def plane(size, slope, angle):

@@ -22,23 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from realtime.masks import flip_permutation
 from realtime.spec import GEOMETRY_CHANNELS, MASK_NAMES, SPEC
-
-
-def mirror_permutation(mask_names: tuple[str, ...] = MASK_NAMES) -> list[int]:
-    """Mask channel order after a horizontal flip: ``left_*`` and ``right_*`` trade places."""
-    def mirrored(name: str) -> str:
-        if name.startswith("left_"):
-            return "right_" + name[5:]
-        if name.startswith("right_"):
-            return "left_" + name[6:]
-        return name
-
-    index = {name: i for i, name in enumerate(mask_names)}
-    try:
-        return [index[mirrored(name)] for name in mask_names]
-    except KeyError as exc:
-        raise ValueError(f"mask {exc.args[0]!r} has no mirrored partner in {list(mask_names)}") from None
 
 
 @dataclass(frozen=True)
@@ -84,7 +69,7 @@ class Augmenter:
     ) -> None:
         self.options = options
         self.channels = {name: i for i, name in enumerate(geometry_channels)}
-        self.mask_perm = mirror_permutation(mask_names)
+        self.mask_perm = list(flip_permutation(mask_names))
         self.depth_scale_mm = depth_scale_mm
         # What the canonical maps hold off the face: depth at SPEC.depth_min_mm, normal +z.
         self.depth_floor = SPEC.depth_min_mm / depth_scale_mm

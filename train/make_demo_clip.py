@@ -55,12 +55,13 @@ from realtime.demo_clip import DEFAULT_DEMO_CLIP, write_demo_clip
 from realtime.frames import RGBDFrame
 from realtime.spec import EXPRESSIONS
 from train.face_model import FaceModel, expression_weights
-from train.render import RenderOptions, RenderPose, ScanRenderer
+from train.render import RenderOptions, RenderPose, ScanRenderer, random_light_direction
 
 DEMO_STREAM = int.from_bytes(b"demo", "big")
 """First spawn key of every random stream of the demo clip (never used by training data)."""
 
 NEUTRAL = EXPRESSIONS[0]
+LIGHT_SPREAD_DEG = 35.0  # one light per person, within this of the camera axis
 _BACKGROUND = 2**31  # the "person" of the background's stream (people are 0, 1, ...)
 _SCRIPT, _LOOKS = 0, 1  # parts of a person's stream
 # Time shares of one person's block: a neutral intro, then per expression onset/hold/offset/rest.
@@ -236,13 +237,6 @@ def room_background(rng: np.random.Generator, width: int, height: int) -> np.nda
     return cv2.GaussianBlur(img, (0, 0), 2.0)  # out of focus behind a face at arm's length
 
 
-def _light(rng: np.random.Generator, spread_deg: float = 35.0) -> tuple[float, float, float]:
-    """A direction toward the light within ``spread_deg`` of the camera axis (camera frame)."""
-    theta = np.radians(spread_deg) * np.sqrt(rng.uniform())
-    phi = rng.uniform(0.0, 2.0 * np.pi)
-    return (float(np.sin(theta) * np.cos(phi)), float(np.sin(theta) * np.sin(phi)), -float(np.cos(theta)))
-
-
 @dataclass
 class DemoFrame:
     """One rendered frame of the clip."""
@@ -295,8 +289,9 @@ class DemoClipRenderer:
         pivot = 0.5 * (neutral.min(0) + neutral.max(0))
         nose_ahead = float(neutral[self.model.landmarks_multipie68[30], 2] - pivot[2])
         # black, noise-free render: the fixed room and the sensor noise are added per frame
-        options = dataclasses.replace(self.render, background="black", color_noise=0.0,
-                                      light_direction=_light(rng), seed=int(rng.integers(2**63)))
+        light = random_light_direction(rng, LIGHT_SPREAD_DEG)
+        options = dataclasses.replace(self.render, background="black", color_noise=0.0, light_direction=light,
+                                      seed=int(rng.integers(2**63)))
         self.close()
         self._person_id, self._mesh_key = person, None
         return _Person(identity, texture, weights, tuple(float(v) for v in pivot), nose_ahead,

@@ -33,6 +33,14 @@ from realtime.frames import RGBDFrame
 from train.mesh import TexturedMesh
 
 
+def random_light_direction(rng: np.random.Generator, spread_deg: float) -> tuple[float, float, float]:
+    """A unit vector toward the light (camera frame), uniform over the cap within ``spread_deg``
+    of the camera axis (the sqrt makes it uniform over the cap's area, not its angle)."""
+    theta = np.radians(spread_deg) * np.sqrt(rng.uniform())
+    phi = rng.uniform(0.0, 2.0 * np.pi)
+    return (float(np.sin(theta) * np.cos(phi)), float(np.sin(theta) * np.sin(phi)), -float(np.cos(theta)))
+
+
 @dataclass
 class RenderPose:
     """Where the head is: rotation about ``pivot`` (degrees), then the pivot's camera position (mm)."""
@@ -230,9 +238,7 @@ class ScanRenderer:
         if opt.light_direction is not None:
             light = np.asarray(opt.light_direction, np.float32)
         else:
-            theta = np.radians(opt.light_spread_deg) * np.sqrt(self.rng.uniform())
-            phi = self.rng.uniform(0, 2 * np.pi)
-            light = np.array([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), -np.cos(theta)], np.float32)
+            light = np.asarray(random_light_direction(self.rng, opt.light_spread_deg), np.float32)
         return light / np.linalg.norm(light)
 
     def _depth_artefacts(self, depth: np.ndarray) -> np.ndarray:

@@ -27,7 +27,6 @@ cross-validation splits by subject anyway.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 from realtime.spec import EXPRESSIONS
 from train.datasets.scan import ScanRecord
 from train.mesh import TexturedMesh
+from train.render import random_light_direction
 
 DATASET = "synthetic"
 SPLITS = ("train", "val", "test")
@@ -166,9 +166,7 @@ def synthetic_record(options: SyntheticOptions, index: int, splits: dict[str, st
     splits = splits if splits is not None else identity_splits(options)
     rng = np.random.default_rng([options.seed, index])
     strength = 0.0 if expression == "neutral" else float(rng.uniform(*options.intensity_range))
-    theta = math.radians(options.light_spread_deg) * math.sqrt(rng.uniform())  # uniform over the cap's area
-    phi = rng.uniform(0.0, 2.0 * math.pi)
-    light = (math.sin(theta) * math.cos(phi), math.sin(theta) * math.sin(phi), -math.cos(theta))
+    light = random_light_direction(rng, options.light_spread_deg)
     return SyntheticRecord(
         dataset=DATASET, subject=subject, expression=expression, intensity=None,
         path=Path(subject) / f"{subject}_{index:06d}_{expression}", texture=Path("procedural"),
