@@ -121,7 +121,7 @@ class FrameProcessor:
         latency: dict[str, float] = {}
         t0 = time.perf_counter()
         faces = self.detector.process(frame)
-        self.tracker.process(faces)
+        self.smoother.forget(self.tracker.process(faces).dropped_ids)
         t1 = time.perf_counter()
         results = [self.canonicalizer.process(frame, face) for face in faces]
         t2 = time.perf_counter()

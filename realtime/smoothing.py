@@ -5,18 +5,25 @@ when another class leads the current label by ``switch_margin`` (smoothed probab
 ``switch_frames`` consecutive updates, so a one-frame blip never flips the published label.
 The raw probabilities and raw top class are returned beside the smoothed ones.
 
+Track lifetime belongs to the tracker (:mod:`realtime.tracking`): the caller passes its
+dropped ids to :meth:`TemporalSmoother.forget`, so the two never disagree about which faces
+exist. A track that stays alive but goes unclassified (e.g. ``bad_fit`` while turned away) for
+longer than ``restart_after_ms`` restarts from its next frame: a label held from seconds ago
+says nothing about the face now.
+
 The EMA is time-aware: ``alpha`` is the weight of a new frame arriving ``reference_dt_ms``
 after the previous one; after a gap of ``dt`` the weight is ``1 - (1 - alpha) ** (dt /
 reference_dt_ms)``, so the smoothing time constant stays the same when the frame rate drops.
 
 Usage:
     smoother = TemporalSmoother(SmoothingOptions(alpha=0.3))
-    result = smoother.process({face.track_id: probs}, frame.host_time_ns / 1e6)
+    result = smoother.process({face.track_id: probs}, frame.timestamp_ms)
+    smoother.forget(tracker.process(faces).dropped_ids)
 """
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +31,7 @@ import numpy as np
 
 @dataclass
 class SmoothingOptions:
-    """EMA, hysteresis and track-forgetting settings."""
+    """EMA, hysteresis and restart settings."""
 
     enabled: bool = True  # False: smoothed == raw, label == raw top class
     # Defaults tuned on the demo clip's raw probabilities (expressions change about every second):
@@ -33,8 +40,7 @@ class SmoothingOptions:
     reference_dt_ms: float | None = 1000.0 / 30.0  # None: the same alpha whatever the gap
     switch_margin: float = 0.1  # a new label must lead the current one by this (smoothed prob)
     switch_frames: int = 2  # ... for this many consecutive updates
-    forget_after_frames: int = 30  # forget a track unseen for more than this many calls ...
-    forget_after_ms: float = 1000.0  # ... or for longer than this
+    restart_after_ms: float = 1000.0  # a track unclassified for longer restarts from its next frame
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -43,8 +49,8 @@ class SmoothingOptions:
             raise ValueError(f"smoothing reference_dt_ms {self.reference_dt_ms}: must be > 0 or None")
         if self.switch_margin < 0 or self.switch_frames < 1:
             raise ValueError("smoothing switch_margin must be >= 0 and switch_frames >= 1")
-        if self.forget_after_frames < 0 or self.forget_after_ms < 0:
-            raise ValueError("smoothing forget_after_frames and forget_after_ms must be >= 0")
+        if self.restart_after_ms < 0:
+            raise ValueError(f"smoothing restart_after_ms {self.restart_after_ms}: must be >= 0")
 
 
 @dataclass
@@ -60,10 +66,9 @@ class TrackPrediction:
 
 @dataclass
 class SmoothingResult:
-    """Predictions for the tracks given to ``process`` and the tracks it forgot."""
+    """Predictions for the tracks given to ``process``."""
 
     tracks: dict[int, TrackPrediction] = field(default_factory=dict)
-    forgotten: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -71,7 +76,6 @@ class _TrackState:
     probs: np.ndarray  # (C,) float32, smoothed
     label: int
     last_seen_ms: float
-    unseen_frames: int = 0
     pending: int = -1  # class that leads the label, waiting for switch_frames
     pending_count: int = 0
 
@@ -93,8 +97,8 @@ class TemporalSmoother:
 
         Args:
             probs_by_track: track id -> (C,) probabilities of this frame. Call with an empty
-                mapping on frames without a classified face, so unseen tracks age.
-            time_ms: a monotonic frame time in ms (e.g. ``RGBDFrame.host_time_ns / 1e6``).
+                mapping on frames without a classified face.
+            time_ms: a monotonic frame time in ms (the source's clock, e.g. ``RGBDFrame.timestamp_ms``).
 
         Raises:
             ValueError: a track's probabilities change length or are not a 1-D vector.
@@ -110,8 +114,12 @@ class TemporalSmoother:
                 continue
             state = self._update(track_id, raw, label_raw, time_ms)
             result.tracks[track_id] = TrackPrediction(track_id, state.probs.copy(), state.label, raw, label_raw)
-        result.forgotten = self._age(probs_by_track.keys(), time_ms)
         return result
+
+    def forget(self, track_ids: Iterable[int]) -> None:
+        """Drop the state of tracks that ended (the tracker's ``dropped_ids``)."""
+        for track_id in track_ids:
+            self._tracks.pop(track_id, None)
 
     def reset(self) -> None:
         """Forget every track (e.g. after the camera reconnects)."""
@@ -128,7 +136,8 @@ class TemporalSmoother:
 
     def _update(self, track_id: int, raw: np.ndarray, label_raw: int, time_ms: float) -> _TrackState:
         state = self._tracks.get(track_id)
-        if state is None:  # a new track starts from its first frame, not from an average
+        if state is None or time_ms - state.last_seen_ms > self.options.restart_after_ms:
+            # a new (or long unclassified) track starts from its first frame, not from an average
             state = self._tracks[track_id] = _TrackState(raw.copy(), label_raw, time_ms)
             return state
         if state.probs.shape != raw.shape:
@@ -136,7 +145,6 @@ class TemporalSmoother:
         a = self._alpha(time_ms - state.last_seen_ms)
         state.probs = (1.0 - a) * state.probs + a * raw
         state.last_seen_ms = time_ms
-        state.unseen_frames = 0
         self._hysteresis(state)
         return state
 
@@ -157,16 +165,3 @@ class TemporalSmoother:
             state.pending, state.pending_count = top, 1
         if state.pending_count >= self.options.switch_frames:
             state.label, state.pending, state.pending_count = top, -1, 0
-
-    def _age(self, seen: Container[int], time_ms: float) -> list[int]:
-        opts = self.options
-        forgotten = []
-        for track_id, state in list(self._tracks.items()):
-            if track_id in seen:
-                continue
-            state.unseen_frames += 1
-            too_long = time_ms - state.last_seen_ms > opts.forget_after_ms
-            if state.unseen_frames > opts.forget_after_frames or too_long:
-                del self._tracks[track_id]
-                forgotten.append(track_id)
-        return forgotten

@@ -25,9 +25,10 @@ from realtime.capture import CaptureOptions
 from realtime.demo_clip import DEFAULT_DEMO_CLIP, DemoClip, write_demo_clip
 from realtime.engine import EngineOptions, open_engine
 from realtime.frames import RGBDFrame
-from realtime.pipeline import STAGES, Pipeline, PipelineOptions, PipelineStats, default_model_path
+from realtime.pipeline import STAGES, FrameProcessor, Pipeline, PipelineOptions, PipelineStats, default_model_path
 from realtime.publisher import PublisherOptions
 from realtime.schema import validate
+from realtime.tracking import TrackerOptions
 from realtime.spec import EXPRESSIONS, PREPROCESSING_VERSION
 from train.make_demo_clip import DemoClipOptions, DemoClipRenderer, make_demo_clip, plan_clip
 
@@ -186,6 +187,20 @@ def test_no_face_and_zero_depth_frames_get_statuses_and_the_stream_goes_on(model
     face = bad["bad_depth"]["faces"][0]
     assert face["status"] == "bad_depth" and face["label"] is None and face["status_reason"]
     assert stats.processed == len(expected) and stats.statuses["end_of_stream"] == 1
+
+
+def test_smoothing_state_ends_with_the_track(model_path, demo_clip):
+    """The tracker owns track lifetime: when it drops a face's track, the smoother forgets it too."""
+    options = pipeline_options(model_path, "demo", tracker=TrackerOptions(max_unseen_frames=2))
+    face = demo_clip.frame(0)
+    blank = RGBDFrame(color=np.full_like(face.color, 128), depth=np.zeros_like(face.depth),
+                      depth_scale=face.depth_scale, intrinsics=face.intrinsics)
+    with open_engine(options.engine) as engine, FrameProcessor(options, engine) as processor:
+        assert processor.process(face).message.status == "ok"
+        assert processor.tracker.track_ids == processor.smoother.track_ids == [0]
+        for i in range(3):  # unseen for 1 and 2 frames: kept; the 3rd drops it
+            assert processor.process(blank).message.status == "no_face"
+            assert processor.smoother.track_ids == processor.tracker.track_ids == ([0] if i < 2 else [])
 
 
 def test_a_run_keeps_a_bounded_latency_history(model_path, demo_clip, tmp_path, monkeypatch):

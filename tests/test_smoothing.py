@@ -66,26 +66,25 @@ def test_new_track_starts_fresh_beside_an_old_one():
     np.testing.assert_allclose(result.tracks[0].probs, 0.7 * A + 0.3 * B, atol=1e-6)
 
 
-def test_unseen_tracks_are_forgotten_by_frames_or_time():
-    smoother = TemporalSmoother(_opts(forget_after_frames=2, forget_after_ms=1000.0))
+def test_forgotten_tracks_lose_their_state_and_others_keep_theirs():
+    smoother = TemporalSmoother(_opts(alpha=0.3))
     smoother.process({0: A, 1: A}, 0.0)
-    assert smoother.process({1: A}, 10.0).forgotten == []
-    assert smoother.process({1: A}, 20.0).forgotten == []
-    assert smoother.process({1: A}, 30.0).forgotten == [0]  # unseen for 3 > 2 calls
-    assert smoother.process({}, 1500.0).forgotten == [1]  # unseen for 1470 ms > 1000 ms
-    assert smoother.track_ids == []
-    again = smoother.process({0: B}, 1600.0).tracks[0]  # an id that comes back starts fresh
-    np.testing.assert_allclose(again.probs, B)
+    smoother.forget([0, 7])  # 7 was never seen: nothing to drop
+    assert smoother.track_ids == [1]
+    result = smoother.process({0: B, 1: B}, DT)
+    np.testing.assert_allclose(result.tracks[0].probs, B)  # an id that comes back starts fresh
+    np.testing.assert_allclose(result.tracks[1].probs, 0.7 * A + 0.3 * B, atol=1e-6)
 
 
-def test_bad_input_and_options():
-    smoother = TemporalSmoother()
-    smoother.process({3: A}, 0.0)
-    with pytest.raises(ValueError, match="track 3: 4 probabilities, this track had 3"):
-        smoother.process({3: np.full(4, 0.25)}, DT)
-    with pytest.raises(ValueError, match="track 4: probabilities must be a"):
-        smoother.process({4: np.ones((2, 3))}, DT)
-    with pytest.raises(ValueError, match="alpha"):
-        SmoothingOptions(alpha=0.0)
-    with pytest.raises(ValueError, match="switch_frames"):
-        SmoothingOptions(switch_frames=0)
+def test_a_track_unclassified_for_too_long_restarts_but_is_not_forgotten():
+    smoother = TemporalSmoother(_opts(alpha=0.3, restart_after_ms=1000.0))
+    smoother.process({0: A}, 0.0)
+    for i in range(1, 40):  # the face is tracked but unclassified (e.g. bad_fit) for 1.3 s
+        assert smoother.process({}, i * DT).tracks == {}
+    assert smoother.track_ids == [0]  # only the tracker ends tracks
+    back = smoother.process({0: B}, 1400.0).tracks[0]
+    np.testing.assert_allclose(back.probs, B)
+    assert back.label == 1  # the old label is not held over the gap
+    within = TemporalSmoother(_opts(alpha=0.3, restart_after_ms=1000.0))
+    within.process({0: A}, 0.0)
+    np.testing.assert_allclose(within.process({0: B}, 900.0).tracks[0].probs, 0.7 * A + 0.3 * B, atol=1e-6)
