@@ -1,7 +1,7 @@
 """Dump the camera model (intrinsics, depth-to-colour extrinsics, depth scale) as JSON.
 
-Reads a connected RealSense camera (started briefly with the capture settings) or a
-.bag/.db3 recording, and writes what :meth:`calib.camera.CameraModel.from_json` loads.
+Opens a connected RealSense camera, a .bag/.db3 recording or a demo clip exactly as
+``run_camera.py`` would (:func:`realtime.capture.resolve_source`), and writes what :meth:`calib.camera.CameraModel.from_json` loads.
 
 Usage:
     python -m calib.cli                                # first camera, 640x480 @ 30, to stdout
@@ -15,51 +15,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from calib.camera import CameraModel
 
 
 def read_camera_model(from_file: str | None = None, serial: str | None = None,
                       width: int = 640, height: int = 480, fps: int = 30) -> CameraModel:
-    """Start a pipeline on a recording or camera, read its model, stop it.
+    """Open the capture source (camera or recording) as the live path does, read its model, close it.
 
     Raises:
-        ValueError: No such recording, no camera, or no depth + colour streams.
+        ValueError: No such recording, no camera, or no usable depth + colour streams.
     """
-    import pyrealsense2 as rs  # lazy: calib imports without pyrealsense2
+    from realtime.capture import CaptureError, CaptureOptions, resolve_source  # lazy: needs pyrealsense2
 
-    config = rs.config()
-    if from_file:
-        if not Path(from_file).is_file():
-            raise ValueError(f"{from_file}: recording not found")
-        config.enable_device_from_file(from_file, repeat_playback=False)
-        config.enable_stream(rs.stream.depth)
-        config.enable_stream(rs.stream.color)
-        what = from_file
-    else:
-        if len(rs.context().query_devices()) == 0:  # pipeline.start() would wait 15 s first
-            raise ValueError("no RealSense camera connected")
-        if serial:
-            config.enable_device(serial)
-        config.enable_stream(rs.stream.depth, width, height, rs.format.z16, fps)
-        config.enable_stream(rs.stream.color, width, height, rs.format.rgb8, fps)
-        what = f"RealSense camera {serial or ''}".strip()
-    pipeline = rs.pipeline()
+    options = CaptureOptions(source=from_file or "realsense", serial=serial, width=width, height=height,
+                             fps=fps, realtime=False)
     try:
-        profile = pipeline.start(config)
-    except RuntimeError as exc:
-        raise ValueError(f"{what}: cannot start ({exc})") from exc
-    try:
-        return CameraModel.from_realsense_profile(profile)
-    finally:
-        pipeline.stop()
+        with resolve_source(options) as source:  # opens it
+            return source.camera
+    except CaptureError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m calib.cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--from-file", help="read a .bag/.db3 recording instead of a camera")
+    parser.add_argument("--from-file", help="read a .bag/.db3 recording (or a .npz demo clip) instead of a camera")
     parser.add_argument("--serial", help="camera serial number (default: the first camera)")
     parser.add_argument("--width", type=int, default=640, help="stream width (camera only)")
     parser.add_argument("--height", type=int, default=480, help="stream height (camera only)")

@@ -118,6 +118,19 @@ def test_cli_dumps_a_recordings_camera_model(tmp_path):
     _assert_models_close(CameraModel.from_json(out), D435_LIKE)
 
 
+def test_cli_reads_a_demo_clip_like_the_live_path(tmp_path):
+    from realtime.demo_clip import DEFAULT_DEMO_CLIP, DemoClip
+
+    if not DEFAULT_DEMO_CLIP.exists():
+        pytest.skip(f"{DEFAULT_DEMO_CLIP} is not in this checkout")
+    from calib.cli import read_camera_model
+
+    clip = DemoClip.load(DEFAULT_DEMO_CLIP)
+    got = read_camera_model(str(DEFAULT_DEMO_CLIP))
+    assert got.color == clip.frame(0).intrinsics
+    assert got.depth_scale == pytest.approx(clip.frame(0).depth_scale)
+
+
 def test_cli_reports_a_bad_file_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "calib.cli", "--from-file",
                              str(tmp_path / "missing.db3")], cwd=ROOT, capture_output=True,
