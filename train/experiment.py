@@ -57,7 +57,7 @@ from train.datasets.scan import ScanError
 from train.model import MODES, build_model, list_variants, resolve_config
 from train.protocols import ProtocolWarning, eligible_samples, make_folds
 from train.report import per_class_accuracy, summarize, write_confusion_png, write_json
-from train.train import EvalResult, FitResult, TrainConfig, evaluate, fit
+from train.train import EvalResult, FitResult, TrainConfig, evaluate, fit, setup_distributed
 
 PROTOCOL_NAMES: dict[str, str] = {"P1": "bu3dfe_p1", "P2": "bu3dfe_p2", "bosphorus": "bosphorus",
                                   "synthetic": "synthetic"}
@@ -329,16 +329,10 @@ class ExperimentRunner:
 
     def __init__(self, options: ExperimentOptions) -> None:
         self.options = options
-        self._owns_group = False
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
-            # one group for all folds (fit() would make and tear down one per fold); evaluate() and the
-            # barriers below need it to outlive fit()
-            cuda = options.train.device != "cpu" and torch.cuda.is_available()
-            if cuda:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend="nccl" if cuda else "gloo")
-            self._owns_group = True
-        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        # One group for all folds (fit() would make and tear down one per fold); evaluate() and the
+        # barriers below need it to outlive fit().
+        self._dist, _ = setup_distributed(options.train.device)
+        self.rank = self._dist.rank
 
     def __enter__(self) -> "ExperimentRunner":
         return self
@@ -348,9 +342,9 @@ class ExperimentRunner:
 
     def close(self) -> None:
         """Leave the process group if this runner made it."""
-        if self._owns_group and dist.is_initialized():
+        if self._dist.owns_group and dist.is_initialized():
             dist.destroy_process_group()
-            self._owns_group = False
+            self._dist.owns_group = False
 
     @property
     def is_main(self) -> bool:

@@ -153,10 +153,12 @@ class FitResult:
 
 
 @dataclass
-class _DistContext:
+class DistContext:
+    """This process's place in the torchrun group (world size 1, rank 0 without torchrun)."""
+
     world_size: int = 1
     rank: int = 0
-    owns_group: bool = False  # fit() initialised the process group, so it also tears it down
+    owns_group: bool = False  # the caller that made the group also tears it down
 
     @property
     def is_main(self) -> bool:
@@ -175,16 +177,21 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _setup_distributed(cfg: TrainConfig) -> tuple[_DistContext, torch.device]:
-    """Join the torchrun process group when WORLD_SIZE > 1; otherwise a single process."""
-    device = _resolve_device(cfg.device)
+def setup_distributed(device_name: str) -> tuple[DistContext, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on the CPU, nccl on CUDA, one
+    GPU per LOCAL_RANK); otherwise a single process. Returns the context and this rank's device.
+
+    Raises:
+        ValueError: ``device_name`` is unknown, or CUDA is asked for and absent.
+    """
+    device = _resolve_device(device_name)
     if dist.is_available() and dist.is_initialized():
-        ctx = _DistContext(dist.get_world_size(), dist.get_rank(), owns_group=False)
+        ctx = DistContext(dist.get_world_size(), dist.get_rank(), owns_group=False)
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        ctx = _DistContext(dist.get_world_size(), dist.get_rank(), owns_group=True)
+        ctx = DistContext(dist.get_world_size(), dist.get_rank(), owns_group=True)
     else:
-        return _DistContext(), device
+        return DistContext(), device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -297,7 +304,7 @@ def fit(model: AFNet, train_set: Dataset, val_set: Dataset | None, cfg: TrainCon
     Returns:
         A :class:`FitResult`; the model holds the last epoch's weights.
     """
-    ctx, device = _setup_distributed(cfg)
+    ctx, device = setup_distributed(cfg.device)
     try:
         return _fit(model, train_set, val_set, cfg, ctx, device)
     finally:
@@ -307,7 +314,7 @@ def fit(model: AFNet, train_set: Dataset, val_set: Dataset | None, cfg: TrainCon
 
 def _fit(
     model: AFNet, train_set: Dataset, val_set: Dataset | None, cfg: TrainConfig,
-    ctx: _DistContext, device: torch.device,
+    ctx: DistContext, device: torch.device,
 ) -> FitResult:
     torch.manual_seed(cfg.seed)  # dropout; the caller's seed decided the initial weights
     model.to(device)
