@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a file: make the repository's packages i
 import numpy as np
 
 from calib.int8_calibration import CalibrationDataError, iter_batches, load_feeds, quantize_qdq
-from realtime.engine_cache import BuildOutput, CacheError, EngineCache, EngineKey, read_plan, write_plan
+from realtime.engine_cache import CacheError, EngineCache, write_plan
 from realtime.engine import (Engine, EngineError, OnnxRuntimeEngine, probabilities, read_model_metadata,
                              synthetic_feeds)
 from realtime.model_metadata import INPUT_NAMES, ModelMetadata, ModelMismatchError
@@ -196,19 +196,12 @@ def build_engine(options: BuildOptions) -> BuildReport:
         source = _qdq_model(options, source.read_bytes(), calib, cache)
     onnx_bytes = source.read_bytes()
 
-    environment = engine_trt.current_environment(options.device_id)
-    key = EngineKey(hashlib.sha256(onnx_bytes).hexdigest(), environment, options.precision,
-                    (1, options.opt_batch, options.max_batch))
-
-    def build(timing_cache: bytes | None) -> BuildOutput:
-        return engine_trt.build_plan(onnx_bytes, options.precision, key.profile, options.workspace_mb,
-                                     timing_cache, source=str(source))
-
     start = time.perf_counter()
-    entry = cache.get_or_build(key, build, engine_trt.plan_info(metadata, options.onnx_path))
+    plan_bytes, entry = engine_trt.cached_plan(
+        onnx_bytes, options.precision, (1, options.opt_batch, options.max_batch),
+        engine_trt.plan_info(metadata, options.onnx_path), options.cache_dir, options.device_id,
+        options.workspace_mb, source=str(source))
     seconds = time.perf_counter() - start
-    built = entry.built
-    plan_bytes, entry = read_plan(entry.plan_path, expected_key=key)
     parity_feeds = _parity_feeds(options, metadata, calib)
     with OnnxRuntimeEngine(options.onnx_path, "cpu") as reference, \
             engine_trt.TensorRTEngine(plan_bytes, metadata, str(entry.plan_path), options.device_id) as candidate:
@@ -217,9 +210,9 @@ def build_engine(options: BuildOptions) -> BuildReport:
     onnx_path = Path(options.onnx_path)
     output = options.output or onnx_path.with_name(f"{onnx_path.stem}.{options.precision}.plan")
     if parity.passed:  # a plan that failed parity stays in the cache only, never where it could be deployed
-        write_plan(output, plan_bytes, key, entry.info)
-    return BuildReport(Path(output), options.precision, environment.describe(), seconds, len(plan_bytes),
-                       not built, parity)
+        write_plan(output, plan_bytes, entry.key, entry.info)
+    return BuildReport(Path(output), options.precision, entry.key.environment.describe(), seconds, len(plan_bytes),
+                       not entry.built, parity)
 
 
 def _parity_feeds(options: BuildOptions, metadata: ModelMetadata, calib: dict[str, np.ndarray] | None) -> dict:

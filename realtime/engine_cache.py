@@ -219,29 +219,34 @@ class EngineCache:
 
     def lookup(self, key: EngineKey) -> PlanFile | None:
         """The verified entry for ``key``, or None (absent, foreign, stale or damaged: logged)."""
+        found = self._load(key)
+        return found[1] if found is not None else None
+
+    def _load(self, key: EngineKey) -> tuple[bytes, PlanFile] | None:
         path = self.plan_path(key)
         if not path.exists() and not sidecar_path(path).exists():
             return None
         try:
-            _, entry = read_plan(path, expected_key=key)
+            return read_plan(path, expected_key=key)
         except CacheError as exc:
             log.warning("engine cache: ignoring entry: %s", exc)
             return None
-        return entry
 
-    def get_or_build(self, key: EngineKey, build: Builder, info: dict) -> PlanFile:
-        """Return the entry for ``key``, building it (once across processes) if needed.
+    def get_or_build(self, key: EngineKey, build: Builder, info: dict) -> tuple[bytes, PlanFile]:
+        """The plan for ``key`` and its entry, built (once across processes) if needed.
+
+        The plan is read and verified once: callers load the returned bytes, not the file.
 
         Args:
             key: What the plan must match.
             build: Called with the saved timing cache (or None) under the key's lock.
             info: JSON-serialisable caller info stored in the sidecar.
         """
-        found = self.lookup(key)
+        found = self._load(key)
         if found is not None:
             return found
         with file_lock(self.root / f"{key.digest()}.lock"):
-            found = self.lookup(key)  # another process may have built it while we waited
+            found = self._load(key)  # another process may have built it while we waited
             if found is not None:
                 return found
             timing_path = self.timing_cache_path(key.environment)
@@ -253,4 +258,4 @@ class EngineCache:
             if output.timing_cache:
                 atomic_write(timing_path, output.timing_cache)
         log.info("engine cache: built %s (%s, %s)", self.plan_path(key), key.precision, key.environment.describe())
-        return PlanFile(self.plan_path(key), key, info, built=True)
+        return output.plan, PlanFile(self.plan_path(key), key, info, built=True)

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from realtime.engine_cache import BuildEnvironment, BuildOutput, CacheError, EngineCache, EngineKey, read_plan
+from realtime.engine_cache import (BuildEnvironment, BuildOutput, CacheError, EngineCache, EngineKey, PlanFile,
+                                   read_plan)
 from realtime.engine import Engine, EngineError, EngineOptions, read_model_metadata
 from realtime.model_metadata import INPUT_NAMES, OUTPUT_NAMES, ModelMetadata
 
@@ -340,16 +341,36 @@ def open_tensorrt_engine(
         raise EngineError("backend 'tensorrt' needs a plan or an ONNX model to build one from")
     metadata = read_model_metadata(onnx_path)
     onnx_bytes = Path(onnx_path).read_bytes()
-    precision = resolve_precision(options.precision)
-    key = EngineKey(hashlib.sha256(onnx_bytes).hexdigest(), environment, precision, (1, 1, options.max_batch))
-
-    def build(timing_cache: bytes | None) -> BuildOutput:
-        log.info("engine: building a %s TensorRT plan for %s (first use; cached afterwards)", precision, onnx_path)
-        return build_plan(onnx_bytes, precision, key.profile, timing_cache=timing_cache, source=str(onnx_path))
-
-    entry = EngineCache(options.cache_dir).get_or_build(key, build, plan_info(metadata, onnx_path, key.onnx_sha256))
+    info = plan_info(metadata, onnx_path, hashlib.sha256(onnx_bytes).hexdigest())
     try:
-        plan_bytes, entry = read_plan(entry.plan_path, expected_key=key)
+        plan_bytes, entry = cached_plan(onnx_bytes, resolve_precision(options.precision), (1, 1, options.max_batch),
+                                        info, options.cache_dir, options.device_id, source=str(onnx_path))
     except CacheError as exc:
         raise EngineError(str(exc)) from None
     return TensorRTEngine(plan_bytes, metadata, str(entry.plan_path), options.device_id)
+
+
+def cached_plan(
+    onnx_bytes: bytes,
+    precision: str,
+    profile: tuple[int, int, int],
+    info: dict,
+    cache_dir: str | Path | None = None,
+    device_id: int = 0,
+    workspace_mb: int = 1024,
+    source: str = "model",
+) -> tuple[bytes, PlanFile]:
+    """The plan for ``onnx_bytes`` on this GPU from the engine cache; TensorRT builds it on a miss
+    (once across processes, from the saved timing cache). ``info`` goes into the sidecar
+    (:func:`plan_info`); the other arguments are :func:`build_plan`'s.
+
+    Raises:
+        EngineError: The build failed. CacheError: The cache could not be written.
+    """
+    key = EngineKey(hashlib.sha256(onnx_bytes).hexdigest(), current_environment(device_id), precision, profile)
+
+    def build(timing_cache: bytes | None) -> BuildOutput:
+        log.info("engine: building a %s TensorRT plan for %s (first use; cached afterwards)", precision, source)
+        return build_plan(onnx_bytes, precision, profile, workspace_mb, timing_cache, source=source)
+
+    return EngineCache(cache_dir).get_or_build(key, build, info)

@@ -80,9 +80,10 @@ def test_key_is_stable_and_round_trips():
 
 def test_builds_once_then_loads(tmp_path):
     cache, builder = EngineCache(tmp_path), CountingBuilder()
-    first = cache.get_or_build(KEY, builder, {"metadata": {"a": "1"}})
-    second = cache.get_or_build(KEY, builder, {"metadata": {"a": "1"}})
+    built_plan, first = cache.get_or_build(KEY, builder, {"metadata": {"a": "1"}})
+    loaded_plan, second = cache.get_or_build(KEY, builder, {"metadata": {"a": "1"}})
     assert builder.calls == 1 and first.built and not second.built
+    assert built_plan == loaded_plan == builder.plan
     plan, entry = read_plan(second.plan_path, expected_key=KEY)
     assert plan == builder.plan and entry.info == {"metadata": {"a": "1"}}
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
@@ -97,7 +98,7 @@ def test_a_foreign_entry_is_rebuilt_not_loaded(tmp_path):
     sidecar_path(cache.plan_path(KEY)).write_bytes(sidecar_path(cache.plan_path(other)).read_bytes())
     assert cache.lookup(KEY) is None
     builder = CountingBuilder(b"FP16-PLAN")
-    entry = cache.get_or_build(KEY, builder, {})
+    _, entry = cache.get_or_build(KEY, builder, {})
     assert builder.calls == 1 and read_plan(entry.plan_path, KEY)[0] == b"FP16-PLAN"
 
 
@@ -116,7 +117,7 @@ def test_damaged_entries_are_rebuilt_never_loaded(tmp_path, damage):
         plan_path.unlink()
     assert cache.lookup(KEY) is None
     builder = CountingBuilder()
-    assert cache.get_or_build(KEY, builder, {}).built and builder.calls == 1
+    assert cache.get_or_build(KEY, builder, {})[1].built and builder.calls == 1
     assert read_plan(plan_path, KEY)[0] == builder.plan
 
 
@@ -157,7 +158,7 @@ CHILD = textwrap.dedent("""
         time.sleep(1.0)
         return BuildOutput(b"PLAN-FROM-" + str(os.getpid()).encode())
 
-    entry = EngineCache(root).get_or_build(key, build, {})
+    _, entry = EngineCache(root).get_or_build(key, build, {})
     print(json.dumps({"built": entry.built}))
 """)
 
@@ -187,7 +188,7 @@ def test_a_builder_that_crashes_leaves_nothing_loadable_and_no_stuck_lock(tmp_pa
     cache = EngineCache(tmp_path / "cache")
     assert cache.lookup(KEY) is None
     builder = CountingBuilder()
-    assert cache.get_or_build(KEY, builder, {}).built and builder.calls == 1  # the lock died with the process
+    assert cache.get_or_build(KEY, builder, {})[1].built and builder.calls == 1  # the lock died with the process
 
 
 # --- parity rules ----------------------------------------------------------------------------
@@ -366,3 +367,54 @@ def test_runtime_refuses_a_plan_next_to_another_model(model_path, tmp_path):
     report.plan_path.write_bytes(report.plan_path.read_bytes()[:-10])
     with pytest.raises(EngineError, match="do not match"):
         open_engine(EngineOptions(model_path, backend="tensorrt", plan_path=report.plan_path))
+
+
+# --- the cache plumbing around TensorRT, with its build and load stood in ----------------------
+
+@pytest.fixture
+def tensorrt_stand_in(monkeypatch, model_path):
+    """TensorRT's two calls replaced where no GPU exists: the "plan" is the ONNX's bytes and the
+    "engine" runs that ONNX on ONNX Runtime CPU (so parity holds). Everything else is real: keys,
+    the engine cache, sidecars, parity checks, the plan written beside the model."""
+    from realtime import engine_trt
+
+    builds, loads = [], []
+
+    def build_plan(onnx_bytes, precision, profile, workspace_mb=1024, timing_cache=None, source="model"):
+        builds.append((precision, profile))
+        return BuildOutput(onnx_bytes, b"TIMING")
+
+    class LoadedPlan(OnnxRuntimeEngine):
+        def __init__(self, plan, metadata, source, device_id=0):
+            loads.append(plan)
+            super().__init__(model_path)
+
+    monkeypatch.setattr(engine_trt, "tensorrt_unavailable_reason", lambda device_id=0: None)
+    monkeypatch.setattr(engine_trt, "current_environment", lambda device_id=0: ENV)
+    monkeypatch.setattr(engine_trt, "build_plan", build_plan)
+    monkeypatch.setattr(engine_trt, "TensorRTEngine", LoadedPlan)
+    return builds, loads
+
+
+def test_build_engine_builds_once_then_serves_the_cached_plan(model_path, tmp_path, tensorrt_stand_in):
+    from export.build_engine import BuildOptions, build_engine
+
+    builds, loads = tensorrt_stand_in
+    options = BuildOptions(model_path, tmp_path / "m.plan", cache_dir=tmp_path / "cache", max_batch=4)
+    first, second = build_engine(options), build_engine(options)
+    assert builds == [("fp32", (1, 1, 4))] and not first.from_cache and second.from_cache
+    assert first.parity.passed and loads == [model_path.read_bytes()] * 2
+    plan, entry = read_plan(tmp_path / "m.plan")
+    assert plan == model_path.read_bytes() and entry.key.environment == ENV
+    assert entry.info["source_sha256"] == entry.key.onnx_sha256  # fp32: the plan's source is the model itself
+
+
+def test_runtime_builds_on_first_use_and_then_loads_from_the_cache(model_path, tmp_path, tensorrt_stand_in):
+    from realtime.engine import EngineOptions, open_engine
+
+    builds, loads = tensorrt_stand_in
+    options = EngineOptions(model_path, backend="tensorrt", precision="fp16", max_batch=2, cache_dir=tmp_path)
+    for _ in range(2):
+        with open_engine(options) as engine:
+            assert engine.infer(synthetic_feeds(engine.metadata, 2))["logits"].shape[0] == 2
+    assert builds == [("fp16", (1, 1, 2))] and len(loads) == 2
