@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from realtime.frames import FaceLandmarks, RGBDFrame
+from realtime.native_log import quiet_native_stderr
 
 NUM_LANDMARKS = 468
+_QUIET_FACE_FRAMES = 3  # frames with a face whose MediaPipe C++ warnings are held back
 
 
 @dataclass
@@ -46,16 +48,20 @@ class LandmarkDetector:
     """Finds faces and their 468 FaceMesh landmarks in RGB frames."""
 
     def __init__(self, options: LandmarkOptions | None = None) -> None:
-        import mediapipe as mp  # heavy import, only when a detector is made
-
         self.options = options or LandmarkOptions()
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=self.options.static_image_mode,
-            max_num_faces=self.options.max_faces,
-            refine_landmarks=self.options.refine_landmarks,
-            min_detection_confidence=self.options.min_detection_confidence,
-            min_tracking_confidence=self.options.min_tracking_confidence,
-        )
+        with quiet_native_stderr():  # MediaPipe's C++ start-up lines
+            import mediapipe as mp  # heavy import, only when a detector is made
+
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=self.options.static_image_mode,
+                max_num_faces=self.options.max_faces,
+                refine_landmarks=self.options.refine_landmarks,
+                min_detection_confidence=self.options.min_detection_confidence,
+                min_tracking_confidence=self.options.min_tracking_confidence,
+            )
+            # The graph opens its models on its own threads; one frame waits for that (and warms up).
+            self._mesh.process(np.zeros((64, 64, 3), np.uint8))
+        self._quiet_frames = _QUIET_FACE_FRAMES
 
     def __enter__(self) -> "LandmarkDetector":
         return self
@@ -84,7 +90,12 @@ class LandmarkDetector:
         if color.ndim != 3 or color.shape[2] != 3 or color.dtype != np.uint8:
             raise ValueError(f"colour image must be (H, W, 3) uint8 RGB, got {color.shape} {color.dtype}")
         h, w = color.shape[:2]
-        result = self._mesh.process(np.ascontiguousarray(color))
+        if self._quiet_frames > 0:  # MediaPipe's first tracked faces print one more C++ warning
+            with quiet_native_stderr():
+                result = self._mesh.process(np.ascontiguousarray(color))
+            self._quiet_frames -= bool(result.multi_face_landmarks)
+        else:
+            result = self._mesh.process(np.ascontiguousarray(color))
         faces = []
         for face in result.multi_face_landmarks or []:
             xy = np.array([(p.x, p.y) for p in face.landmark[:NUM_LANDMARKS]], np.float32)  # (468, 2)

@@ -1,5 +1,8 @@
 """MediaPipe FaceMesh stage on a real photo, a rendered ICT head and blank images."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -9,6 +12,8 @@ import pytest
 from calib.camera import D4XX_COLOR_640x480
 from realtime.frames import RGBDFrame
 from realtime.landmarks import NUM_LANDMARKS, LandmarkDetector, LandmarkOptions
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PHOTO = Path(cv2.__file__).parents[1] / "matplotlib" / "mpl-data" / "sample_data" / "grace_hopper.jpg"
 
@@ -104,3 +109,28 @@ def test_misuse_raises_clear_errors(photo):
     detector.close()  # twice is fine
     with pytest.raises(ValueError, match="closed"):
         detector.process(frame_of(photo))
+
+
+def test_held_back_stderr_keeps_everything_but_the_known_chatter(capfd):
+    from realtime.native_log import quiet_native_stderr
+
+    with quiet_native_stderr():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b"W0000 00:00:1795628090.607927   27372 landmark_projection_calculator.cc:186] Using NORM_RECT\n")
+        os.write(2, b"E0000 00:00:1795628090.607927   27372 something_else.cc:12] a real error\n")
+        os.write(2, b"a line from anywhere else\n")
+    err = capfd.readouterr().err
+    assert err == ("E0000 00:00:1795628090.607927   27372 something_else.cc:12] a real error\n"
+                   "a line from anywhere else\n")
+
+
+def test_mediapipe_start_up_and_first_faces_print_nothing(tmp_path, photo):
+    """A user's terminal shows no MediaPipe C++ chatter from a detector that finds a face."""
+    np.save(tmp_path / "photo.npy", photo)
+    code = ("import numpy as np; from realtime.landmarks import LandmarkDetector; "
+            f"img = np.load({str(tmp_path / 'photo.npy')!r}); d = LandmarkDetector(); "
+            "print(sum(len(d.process_image(img)) for _ in range(5)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "5"  # the face was found (and tracked) on every frame
+    assert result.stderr == ""
