@@ -1,7 +1,8 @@
 """Dump the camera model (intrinsics, depth-to-colour extrinsics, depth scale) as JSON.
 
 Opens a connected RealSense camera, a .bag/.db3 recording or a demo clip exactly as
-``run_camera.py`` would (:func:`realtime.capture.resolve_source`), and writes what :meth:`calib.camera.CameraModel.from_json` loads.
+``run_camera.py`` would (:func:`realtime.capture.resolve_source`), and writes what
+:meth:`calib.camera.CameraModel.from_json` loads.
 
 Usage:
     python -m calib.cli                                # first camera, 640x480 @ 30, to stdout

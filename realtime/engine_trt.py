@@ -341,10 +341,11 @@ def open_tensorrt_engine(
         raise EngineError("backend 'tensorrt' needs a plan or an ONNX model to build one from")
     metadata = read_model_metadata(onnx_path)
     onnx_bytes = Path(onnx_path).read_bytes()
-    info = plan_info(metadata, onnx_path, hashlib.sha256(onnx_bytes).hexdigest())
+    onnx_sha256 = hashlib.sha256(onnx_bytes).hexdigest()
     try:
         plan_bytes, entry = cached_plan(onnx_bytes, resolve_precision(options.precision), (1, 1, options.max_batch),
-                                        info, options.cache_dir, options.device_id, source=str(onnx_path))
+                                        plan_info(metadata, onnx_path, onnx_sha256), options.cache_dir,
+                                        options.device_id, source=str(onnx_path), onnx_sha256=onnx_sha256)
     except CacheError as exc:
         raise EngineError(str(exc)) from None
     return TensorRTEngine(plan_bytes, metadata, str(entry.plan_path), options.device_id)
@@ -359,15 +360,18 @@ def cached_plan(
     device_id: int = 0,
     workspace_mb: int = 1024,
     source: str = "model",
+    onnx_sha256: str | None = None,
 ) -> tuple[bytes, PlanFile]:
     """The plan for ``onnx_bytes`` on this GPU from the engine cache; TensorRT builds it on a miss
     (once across processes, from the saved timing cache). ``info`` goes into the sidecar
-    (:func:`plan_info`); the other arguments are :func:`build_plan`'s.
+    (:func:`plan_info`); ``onnx_sha256`` is the bytes' hash where the caller has it already; the
+    other arguments are :func:`build_plan`'s.
 
     Raises:
         EngineError: The build failed. CacheError: The cache could not be written.
     """
-    key = EngineKey(hashlib.sha256(onnx_bytes).hexdigest(), current_environment(device_id), precision, profile)
+    key = EngineKey(onnx_sha256 or hashlib.sha256(onnx_bytes).hexdigest(), current_environment(device_id), precision,
+                    profile)
 
     def build(timing_cache: bytes | None) -> BuildOutput:
         log.info("engine: building a %s TensorRT plan for %s (first use; cached afterwards)", precision, source)

@@ -15,6 +15,7 @@ convention (pixel centres at integer coordinates): MediaPipe's normalised ``x`` 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,12 +91,11 @@ class LandmarkDetector:
         if color.ndim != 3 or color.shape[2] != 3 or color.dtype != np.uint8:
             raise ValueError(f"colour image must be (H, W, 3) uint8 RGB, got {color.shape} {color.dtype}")
         h, w = color.shape[:2]
-        if self._quiet_frames > 0:  # MediaPipe's first tracked faces print one more C++ warning
-            with quiet_native_stderr():
-                result = self._mesh.process(np.ascontiguousarray(color))
-            self._quiet_frames -= bool(result.multi_face_landmarks)
-        else:
+        # MediaPipe's first tracked faces print one more C++ warning
+        with quiet_native_stderr() if self._quiet_frames else nullcontext():
             result = self._mesh.process(np.ascontiguousarray(color))
+        if self._quiet_frames and result.multi_face_landmarks:
+            self._quiet_frames -= 1
         faces = []
         for face in result.multi_face_landmarks or []:
             xy = np.array([(p.x, p.y) for p in face.landmark[:NUM_LANDMARKS]], np.float32)  # (468, 2)

@@ -5,6 +5,7 @@ only where it exists: the cache logic runs with an injected builder."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import subprocess
@@ -418,3 +419,5 @@ def test_runtime_builds_on_first_use_and_then_loads_from_the_cache(model_path, t
         with open_engine(options) as engine:
             assert engine.infer(synthetic_feeds(engine.metadata, 2))["logits"].shape[0] == 2
     assert builds == [("fp16", (1, 1, 2))] and len(loads) == 2
+    _, entry = read_plan(next(tmp_path.glob("*.plan")))
+    assert entry.key.onnx_sha256 == entry.info["source_sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
