@@ -240,8 +240,9 @@ class _FrameConverter:
         self._align = rs.align(rs.stream.color) if needs_align else None
 
     def convert(self, frameset: rs.composite_frame, arrival_ns: int) -> RGBDFrame | None:
-        """The aligned frame, or None for a frameset lacking depth or colour."""
-        if not frameset.get_depth_frame() or not frameset.get_color_frame():
+        """The aligned frame, or None for a frameset lacking depth or colour or mispairing them."""
+        depth_frame, color_frame = frameset.get_depth_frame(), frameset.get_color_frame()
+        if not depth_frame or not color_frame or not self._paired(depth_frame, color_frame):
             return None
         for block in self._filters:
             frameset = block.process(frameset).as_frameset()
@@ -263,6 +264,24 @@ class _FrameConverter:
         return RGBDFrame(color=color, depth=depth, depth_scale=self._camera.depth_scale,
                          intrinsics=intrinsics, timestamp_ms=float(color_frame.get_timestamp()),
                          host_time_ns=arrival_ns)
+
+    def _paired(self, depth_frame: rs.depth_frame, color_frame: rs.video_frame) -> bool:
+        """Whether depth and colour were taken together (within one frame period).
+
+        The syncer can pair frames a loop apart when a replay wraps (the last colour with
+        the first depth); such a pair would misplace the face in depth, so it is skipped.
+        Timestamps in different domains cannot be compared and are trusted.
+        """
+        if depth_frame.get_frame_timestamp_domain() != color_frame.get_frame_timestamp_domain():
+            return True
+        period_ms = 1000.0 / max(color_frame.get_profile().fps(), 1)
+        apart_ms = abs(depth_frame.get_timestamp() - color_frame.get_timestamp())
+        if apart_ms <= period_ms:
+            return True
+        log.debug("%s: skipped depth frame %d paired with colour frame %d, %.1f ms apart",
+                  self._name, depth_frame.get_frame_number(), color_frame.get_frame_number(),
+                  apart_ms)
+        return False
 
 
 class _PipelineSource(FrameSource):
