@@ -422,7 +422,8 @@ class ReplaySource(_PipelineSource):
     """A ``.bag`` (ROS1) or ``.db3`` (ROS2) recording played through ``rs.pipeline``.
 
     With ``options.realtime`` False the playback waits until each frame is read, so none
-    is dropped. Looping replays get timestamps that keep increasing across the wrap.
+    is dropped. Looping replays get timestamps that keep increasing across the wrap; at a
+    wrap librealsense's syncer may lose the first frame of the new lap (seen under load).
     Recordings of any colour format librealsense writes (rgb8, bgr8, rgba8, bgra8, yuyv)
     come out as RGB.
     """

@@ -230,18 +230,24 @@ def test_recording_through_the_thread_is_finalised_on_close(clip_path, tmp_path)
     assert 3 <= len(frames) <= pushed + 1  # the thread may have pushed one more than it kept
 
 
-def test_looping_replay_keeps_timestamps_increasing(recording):
+def test_looping_replay_keeps_timestamps_increasing_and_pairs_intact(recording, clip):
     options = CaptureOptions(realtime=False, loop=True)
     with CaptureThread(ReplaySource(recording, options), options) as capture:
         frames = drain(capture, limit=12)
         stats = capture.stats()
     assert len(frames) == 12 and stats.rejected == 0
     assert np.all(np.diff([f.timestamp_ms for f in frames]) > 0)
-    # Every lap is the 5 recorded frames, each depth with its own colour: the syncer's pair
-    # across the wrap (last colour, first depth) is not passed on.
-    for i, frame in enumerate(frames[5:], start=5):
-        np.testing.assert_array_equal(frame.depth, frames[i - 5].depth)
-        np.testing.assert_array_equal(frame.color, frames[i - 5].color)
+    recorded = [clip.frame(i) for i in range(5)]
+    laps = []
+    for frame in frames:
+        k = next(k for k, r in enumerate(recorded) if np.array_equal(frame.depth, r.depth))
+        # Each depth comes with its own colour: the syncer's pair across the wrap (last
+        # colour, first depth) is skipped, not passed on.
+        np.testing.assert_array_equal(frame.color, recorded[k].color)
+        laps.append(k)
+    # Laps repeat in order; under load librealsense may lose the first frame of a lap.
+    assert laps[:5] == [0, 1, 2, 3, 4]
+    assert all(b == a + 1 or (a == 4 and b in (0, 1)) for a, b in zip(laps, laps[1:]))
 
 
 def test_lost_source_reports_reconnects_with_backoff_and_closes_cleanly(recording, tmp_path):
