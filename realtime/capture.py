@@ -266,7 +266,7 @@ class _FrameConverter:
                          host_time_ns=arrival_ns)
 
     def _paired(self, depth_frame: rs.depth_frame, color_frame: rs.video_frame) -> bool:
-        """Whether depth and colour were taken together (within one frame period).
+        """Whether depth and colour were taken together (within the slower stream's period).
 
         The syncer can pair frames a loop apart when a replay wraps (the last colour with
         the first depth); such a pair would misplace the face in depth, so it is skipped.
@@ -274,7 +274,8 @@ class _FrameConverter:
         """
         if depth_frame.get_frame_timestamp_domain() != color_frame.get_frame_timestamp_domain():
             return True
-        period_ms = 1000.0 / max(color_frame.get_profile().fps(), 1)
+        slower_fps = min(depth_frame.get_profile().fps(), color_frame.get_profile().fps())
+        period_ms = 1000.0 / max(slower_fps, 1)
         apart_ms = abs(depth_frame.get_timestamp() - color_frame.get_timestamp())
         if apart_ms <= period_ms:
             return True

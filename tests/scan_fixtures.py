@@ -51,6 +51,14 @@ def _write_image(path: Path, rgb: np.ndarray) -> None:
         raise OSError(f"{path}: cv2 could not write the image")
 
 
+def _write_texture(path: Path, rgb: np.ndarray, broken: str | None) -> None:
+    """The scan's texture image, or its broken variant: unreadable bytes, or no file."""
+    if broken == "unreadable_texture":
+        path.write_bytes(path.suffix.upper().encode() + b" this is not an image")
+    elif broken != "missing_texture":
+        _write_image(path, rgb)
+
+
 def _texture_with_red(height: int, width: int, row: int, col: int) -> np.ndarray:
     """A grey gradient (H, W, 3) RGB with a 3x3 red block centred on (row, col)."""
     image = np.zeros((height, width, 3), np.uint8)
@@ -191,10 +199,7 @@ def write_bu3dfe_scan(
     wrl = folder / f"{stem}.wrl"
     wrl.write_text(text)
     texture = folder / f"{stem}.bmp"
-    if broken == "unreadable_texture":
-        texture.write_bytes(b"BM this is not a bitmap")
-    elif broken != "missing_texture":
-        _write_image(texture, texture_rgb)
+    _write_texture(texture, texture_rgb, broken)
     photo = folder / f"{name}_F2D.bmp"
     _write_image(photo, np.full((32, 32, 3), (0, 0, 255), np.uint8))
 
@@ -291,10 +296,7 @@ def write_bosphorus_scan(
     bnt.write_bytes(data)
 
     png = folder / f"{stem}.png"
-    if broken == "unreadable_texture":
-        png.write_bytes(b"\x89PNG but not really")
-    elif broken != "missing_texture":
-        _write_image(png, png_rgb)
+    _write_texture(png, png_rgb, broken)
 
     labels = list(cells)
     pairs = [f"{label}\n{' '.join(f'{v:.6f}' for v in landmarks_3d[label] * signs)}" for label in labels]
