@@ -6,7 +6,8 @@ Usage:
     python bench/bench_model.py --sweep                 # also time the width/blocks candidates for afnet_m_rt
 
 Prints, per variant: parameter counts (every ablation mode), ONNX file size, ONNX Runtime CPU
-median / p90 ms, PyTorch CPU median / p90 ms and their ratio (same process, one after the
+median / p90 ms as the runtime configures it (workers sleep between runs) and with ORT's default
+spinning workers, PyTorch CPU median / p90 ms and its ratio to ORT (same process, one after the
 other), and the max |PyTorch - ONNX Runtime| from the export check. Weights are random (speed
 does not depend on them). A plain ResNet-18 trunk (afnet_m in "2d" mode) is timed first as a
 reference. All models are timed round-robin, --repeats rounds, and each shows its least
@@ -34,6 +35,7 @@ import onnxruntime as ort
 import torch
 
 from export.export_onnx import ExportReport, export_onnx, random_inputs
+from realtime.engine import create_session
 from realtime.model_metadata import INPUT_NAMES
 from train.model import MODES, build_model, count_parameters, list_variants
 
@@ -53,10 +55,12 @@ class Entry:
     label: str
     model: torch.nn.Module
     report: ExportReport
-    session: ort.InferenceSession
+    session: ort.InferenceSession  # as the runtime opens it
+    spinning: ort.InferenceSession  # ORT's default: workers spin between runs
     feeds: dict[str, np.ndarray]
     with_torch: bool
     ort_ms: np.ndarray | None = None
+    spin_ms: np.ndarray | None = None
     torch_ms: np.ndarray | None = None
 
 
@@ -75,30 +79,24 @@ def keep_best(best: np.ndarray | None, times: np.ndarray) -> np.ndarray:
     return times if best is None or np.median(times) < np.median(best) else best
 
 
-def ort_session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def make_entry(name: str, overrides: dict, args: argparse.Namespace, workdir: Path, with_torch: bool) -> Entry:
     torch.manual_seed(0)
     model = build_model(name, input_size=args.size, **overrides).eval()
     report = export_onnx(model, workdir / f"model{len(list(workdir.iterdir()))}.onnx")
     label = name + (f" {overrides}" if overrides else "")
     feeds = random_inputs(report.metadata.input_shapes, 1, seed=1)
-    return Entry(label, model, report, ort_session(report.path, args.threads), feeds, with_torch)
+    sessions = [create_session(report.path, ["CPUExecutionProvider"], args.threads, spin=spin) for spin in (False, True)]
+    return Entry(label, model, report, *sessions, feeds, with_torch)
 
 
 def measure(entries: list[Entry], args: argparse.Namespace) -> None:
     """Time every entry ``args.repeats`` times, round-robin, so a burst of load hits all alike."""
     for repeat in range(args.repeats):
         for e in entries:
-            if repeat == 0:
-                time_ms(lambda: e.session.run(None, e.feeds), args.warmup)
-            e.ort_ms = keep_best(e.ort_ms, time_ms(lambda: e.session.run(None, e.feeds), args.runs))
+            for session, attr in ((e.session, "ort_ms"), (e.spinning, "spin_ms")):
+                if repeat == 0:
+                    time_ms(lambda: session.run(None, e.feeds), args.warmup)
+                setattr(e, attr, keep_best(getattr(e, attr), time_ms(lambda: session.run(None, e.feeds), args.runs)))
             if e.with_torch:
                 inputs = tuple(torch.from_numpy(e.feeds[n]) for n in INPUT_NAMES)
                 with torch.inference_mode():
@@ -113,7 +111,8 @@ def stats(times: np.ndarray) -> str:
 
 def print_entry(e: Entry, reference: Entry) -> None:
     line = (f"{e.label}: params {count_parameters(e.model) / 1e6:.2f} M  onnx {e.report.size_bytes / 1e6:.1f} MB  "
-            f"ORT {stats(e.ort_ms)} ({np.median(e.ort_ms) / np.median(reference.ort_ms):.2f}x reference)")
+            f"ORT {stats(e.ort_ms)} ({np.median(e.ort_ms) / np.median(reference.ort_ms):.2f}x reference)"
+            f"  | ORT spinning {stats(e.spin_ms)}")
     if e.torch_ms is not None:
         line += (f"  | torch {stats(e.torch_ms)}  torch/ORT {np.median(e.torch_ms) / np.median(e.ort_ms):.2f}x"
                  f"  | max|torch-ORT| {e.report.max_abs_diff:.1e}")

@@ -243,9 +243,12 @@ def _ort_load_errors() -> tuple[type[BaseException], ...]:
 
 
 def create_session(
-    model_path: str | Path, providers: list, threads: int = 2, optimize: bool = True
+    model_path: str | Path, providers: list, threads: int = 2, optimize: bool = True, spin: bool = False
 ) -> "onnxruntime.InferenceSession":  # noqa: F821
-    """Create an ONNX Runtime session; a missing or unloadable file is one :class:`EngineError` line."""
+    """Create an ONNX Runtime session; a missing or unloadable file is one :class:`EngineError` line.
+
+    ``spin`` keeps ORT's default of workers spinning between runs (benchmarks compare it).
+    """
     import onnxruntime as ort
 
     path = Path(model_path)
@@ -257,7 +260,7 @@ def create_session(
     # Workers sleep between runs instead of spinning: at one small batch per frame, spinning
     # threads steal the cores from capture and MediaPipe (2-core box under load: unpaced 36-60
     # -> 70-84 fps, paced p99 41-54 -> 22-25 ms; idle p50 costs ~1.3 ms).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.log_severity_level = 3  # errors only: fallbacks are reported by this module
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
