@@ -26,7 +26,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,6 +207,18 @@ class FrameSource:
         self.close()
 
 
+@contextmanager
+def _librealsense_errors_lose(description: str) -> Iterator[None]:
+    """librealsense's RuntimeErrors (device gone, filter or align failure) lose the source;
+    our own CaptureErrors (also RuntimeErrors) pass through unchanged."""
+    try:
+        yield
+    except CaptureError:
+        raise
+    except RuntimeError as exc:
+        raise SourceLostError(f"{description}: {exc}") from exc
+
+
 def _record_segment(path: str, index: int) -> str:
     """The recording file of the ``index``-th opening: the path itself, then numbered ones."""
     if index == 0:
@@ -337,11 +350,9 @@ class _PipelineSource(FrameSource):
             remaining_ms = int((deadline - time.monotonic()) * 1000.0)
             if remaining_ms <= 0:
                 raise FrameTimeoutError(f"{self.description}: no frame within {timeout_ms} ms")
-            try:
+            with _librealsense_errors_lose(self.description):
                 ok, frameset = self._pipeline.try_wait_for_frames(min(remaining_ms, _POLL_MS))
                 frame = self._converter.convert(frameset, time.monotonic_ns()) if ok else None
-            except RuntimeError as exc:  # librealsense errors (device gone, filter/align failure)
-                raise SourceLostError(f"{self.description}: {exc}") from exc
             if not ok:
                 self._check_stream()
                 continue
@@ -583,13 +594,9 @@ class SoftwareDeviceSource(FrameSource):
                 continue
             self._pace()
             self._pushed += 1
-            try:
+            with _librealsense_errors_lose(self.description):
                 frameset = self._push_and_collect(color, depth, timeout_ms)
                 frame = self._converter.convert(frameset, time.monotonic_ns())
-            except CaptureError:
-                raise
-            except RuntimeError as exc:  # librealsense errors
-                raise SourceLostError(f"{self.description}: {exc}") from exc
             frame.ground_truth = self._labels[i] if self._labels is not None else None
             return frame
 
