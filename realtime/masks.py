@@ -40,7 +40,6 @@ FACE_OVAL: tuple[int, ...] = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 3
 _MASK_INDEX = [np.array(MASK_LANDMARKS[name]) for name in MASK_NAMES]
 
 
-
 def flip_permutation(mask_names: tuple[str, ...] = MASK_NAMES) -> tuple[int, ...]:
     """Mask channel order after a horizontal flip: ``left_*`` and ``right_*`` trade places."""
     def mirrored(name: str) -> str:
@@ -78,14 +77,6 @@ def disk(radius: int) -> np.ndarray:
     return kernel
 
 
-def fill_hull(shape: tuple[int, int], points_px: np.ndarray) -> np.ndarray:
-    """Filled convex hull of (N, 2) pixel points (col, row) -> (H, W) uint8 {0, 1}; subpixel exact."""
-    out = np.zeros(shape, np.uint8)
-    fixed, finite = _fixed_point(points_px)
-    _draw_hull(out, fixed[finite])
-    return out
-
-
 def _fixed_point(points_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pixel points (N, 2) -> (N, 2) int32 with 4 fractional bits (0 for NaN rows), and which rows are finite (N,)."""
     finite = np.isfinite(points_px).all(axis=1)
@@ -95,7 +86,8 @@ def _fixed_point(points_px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _draw_hull(out: np.ndarray, fixed: np.ndarray) -> None:
-    """Fill the convex hull of (N, 2) fixed-point pixels into ``out`` (H, W) uint8 with 1; needs 3 points."""
+    """Fill the convex hull of (N, 2) fixed-point pixels into ``out`` (H, W) uint8 with 1 (subpixel
+    exact); fewer than 3 points draw nothing."""
     if len(fixed) >= 3:
         cv2.fillConvexPoly(out, cv2.convexHull(fixed), 1, lineType=cv2.LINE_8, shift=4)
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from realtime.canonical import CanonicalTemplate
-from realtime.masks import (FACE_OVAL, FLIP_PERMUTATION, MASK_LANDMARKS, canonical_to_pixels, fill_hull,
-                            flip_masks, rasterize_masks)
+from realtime.masks import (FACE_OVAL, FLIP_PERMUTATION, MASK_LANDMARKS, canonical_to_pixels, flip_masks,
+                            rasterize_masks)
 from realtime.spec import MASK_NAMES, SPEC
 
 
@@ -62,7 +62,10 @@ def test_dilation_grows_the_masks_and_nan_rows_are_skipped(template):
     holes = template.points.copy()
     holes[[33, 133]] = np.nan
     assert rasterize_masks(holes).sum() > 0
-    assert fill_hull((8, 8), np.array([[1.0, 1.0], [np.nan, 2.0]])).sum() == 0  # fewer than 3 points
+    few = template.points.copy()
+    few[list(MASK_LANDMARKS[MASK_NAMES[0]])[2:]] = np.nan  # fewer than 3 points left for that mask
+    masks = rasterize_masks(few)
+    assert masks[0].sum() == 0 and masks[1:].sum() > 0
 
 
 def test_flip_swaps_sides_and_matches_the_mirrored_face(template):

@@ -1,7 +1,6 @@
 """Temporal smoothing: EMA by hand, hysteresis, off switch, fresh tracks, forgetting."""
 
 import numpy as np
-import pytest
 
 from realtime.smoothing import SmoothingOptions, TemporalSmoother
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from realtime.canonical import CanonicalOptions, depth_normals
 from realtime.spec import MASK_NAMES, PREPROCESSING_VERSION, SPEC
-from train.cache import POSE_FIELDS, CacheEntry, entry_path, load_arrays, save_sample, scan_cache
+from train.cache import CacheEntry, entry_path, load_arrays, save_sample, scan_cache
 
 PACK_FORMAT = "afnet-cache-pack"
 DEPTH_STEP_MM = 0.51  # 255 steps cover the depth the model sees, depth_min_mm .. depth_max_mm (-100 .. +30 mm)
